@@ -1,0 +1,70 @@
+"""ModelBundle: everything a training job needs from one Stable Diffusion model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+}
+
+
+@dataclass
+class ModelBundle:
+    """U-Net, text encoder(s), tokenizer(s), VAE and noise schedule of one model.
+
+    text_encoders holds one CLIP model for SD1/SD2 and two for SDXL (CLIP-L, then
+    OpenCLIP-G with projection); tokenizers match them one to one.
+    """
+
+    family: str
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: Any
+    v_pred: bool = False
+    name: str = ""
+    source: str = ""
+    clip_skip: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
+        expected = 2 if self.family == "sdxl" else 1
+        if len(self.text_encoders) != expected or len(self.tokenizers) != expected:
+            raise ValueError(f"{self.family} needs {expected} text encoder(s) and tokenizer(s)")
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def model_version(self) -> str:
+        """kohya's ss_base_model_version value."""
+        return MODEL_VERSION[self.family]
+
+    @property
+    def vae_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_shift(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Pixel sizes must be multiples of this for the U-Net to accept them."""
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        unet_factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return vae_factor * unet_factor
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders]
