@@ -1,0 +1,118 @@
+"""safetensors header metadata: kohya ``ss_*`` keys, ``modelspec.*`` keys and our settings.
+
+Every value is a string (the safetensors header allows nothing else).
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from .bundle import MODELSPEC_ARCH
+
+SETTINGS_KEY = "traindeck_settings"  # the full preset-shaped settings (TrainConfig.to_dict())
+EXTRA_KEY = "traindeck_extra"  # run facts that are not settings (pass, model hash…)
+STRENGTH_KEY = "traindeck_network_strength"  # the strength baked into the tensors
+_LYCORIS_ALGOS = {"lierla": "lora", "c3lier": "locon", "loha": "loha", "lokr": "lokr"}
+_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+
+
+def uses_lycoris(cfg) -> bool:
+    """True when only LyCORIS (not kohya's networks.lora) describes the file."""
+    return cfg.network_type not in ("lierla", "c3lier") or bool(cfg.network_dora)
+
+
+def network_module(cfg) -> str:
+    """kohya's ss_network_module. TrainTrain writes networks.lora even for LoHa; we don't."""
+    return "lycoris.kohya" if uses_lycoris(cfg) else "networks.lora"
+
+
+def network_args(cfg) -> dict[str, str]:
+    """kohya's ss_network_args (values as strings, as kohya stores them).
+
+    conv_dim/conv_alpha appear only where 3x3 convs are trained: LyCORIS reads a
+    conv_dim of "0" as "use the rank", so lierla writes none.
+    """
+    args: dict[str, str] = {"algo": _LYCORIS_ALGOS[cfg.network_type]}
+    if cfg.network_type != "lierla":
+        args["conv_dim"] = str(int(cfg.network_conv_rank or cfg.network_rank))
+        args["conv_alpha"] = _num(cfg.network_conv_alpha or cfg.network_alpha)
+    if cfg.network_dora:
+        args["dora_wd"] = "True"
+        args["wd_on_output"] = "False"
+    return args
+
+
+def _num(x: float) -> str:
+    """8.0 -> '8.0', 1e-4 -> '0.0001': kohya writes Python's str() of the number."""
+    return str(float(x))
+
+
+def _architecture(bundle, cfg) -> str:
+    arch = MODELSPEC_ARCH[bundle.family]
+    if bundle.family == "sd2" and not bundle.v_pred:
+        arch = "stable-diffusion-v2-512"
+    return f"{arch}/{'lycoris' if uses_lycoris(cfg) else 'lora'}"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def build_metadata(cfg, bundle, *, seed: int, steps: int, started_at: float, finished_at: float | None,
+                   num_images: int, tag_frequency: dict, resolution: tuple[int, int],
+                   extra_settings: dict) -> dict[str, str]:
+    """Header metadata for a saved network.
+
+    `resolution` is (width, height), kohya's order (cfg.image_size is the other
+    way round); ss_resolution is written "(width, height)" and
+    modelspec.resolution "WIDTHxHEIGHT".
+    `finished_at` None (an intermediate save) leaves ss_training_finished_at out.
+    """
+    width, height = (int(v) for v in resolution)
+    trains_te = cfg.trains_text_encoder and cfg.network_element == "Full"
+    meta: dict[str, Any] = {
+        "ss_network_module": network_module(cfg),
+        "ss_network_dim": str(int(cfg.network_rank)),
+        "ss_network_alpha": _num(cfg.network_alpha),
+        "ss_network_args": json.dumps(network_args(cfg)),
+        "ss_learning_rate": _num(cfg.train_learning_rate),
+        "ss_unet_lr": _num(cfg.train_learning_rate),
+        "ss_text_encoder_lr": _num(cfg.text_encoder_lr if trains_te else 0.0),
+        "ss_max_train_steps": str(int(cfg.train_iterations)),
+        "ss_steps": str(int(steps)),  # steps actually done (fewer after Stop and Save)
+        "ss_lr_scheduler": cfg.train_lr_scheduler,
+        "ss_optimizer": _optimizer(cfg),
+        "ss_seed": str(int(seed)),
+        "ss_base_model_version": bundle.model_version,
+        "ss_v2": str(bundle.family == "sd2"),
+        "ss_v_parameterization": str(bool(bundle.v_pred)),
+        "ss_sd_model_name": bundle.name,
+        "ss_resolution": f"({width}, {height})",
+        "ss_training_started_at": repr(float(started_at)),
+        "ss_output_name": cfg.save_lora_name,
+        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        "ss_num_train_images": str(int(num_images)),
+        "ss_mixed_precision": _PRECISION[cfg.train_model_precision],
+        "ss_min_snr_gamma": _num(cfg.train_snr_gamma),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": _architecture(bundle, cfg),
+        # kohya: SDXL LoRAs name Stability's implementation, SD1/SD2 LoRAs diffusers
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
+                                     if bundle.family == "sdxl" else "diffusers"),
+        "modelspec.title": cfg.save_lora_name,
+        "modelspec.date": _iso(finished_at if finished_at is not None else started_at),
+        "modelspec.resolution": f"{width}x{height}",
+        SETTINGS_KEY: json.dumps(cfg.to_dict(), ensure_ascii=False),
+    }
+    if finished_at is not None:
+        meta["ss_training_finished_at"] = repr(float(finished_at))
+    if extra_settings:
+        meta[EXTRA_KEY] = json.dumps(extra_settings, ensure_ascii=False, default=str)
+    return {k: str(v) for k, v in meta.items()}
+
+
+def _optimizer(cfg) -> str:
+    """'AdamW' or 'AdamW(weight_decay=0.01; betas=(0.9,0.99))' like kohya's name(args)."""
+    settings = "; ".join(line.strip() for line in cfg.train_optimizer_settings.splitlines() if line.strip())
+    return f"{cfg.train_optimizer}({settings})" if settings else cfg.train_optimizer
