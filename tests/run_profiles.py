@@ -1,0 +1,246 @@
+"""Run the test suite in one virtual environment per host profile: a1111, forge, latest.
+
+    python3 tests/run_profiles.py [PROFILE ...] [-- PYTEST ARGS]
+
+Each venv is built once and reused while the requirement files and install.py are
+unchanged: torch first, then the host's pins (requirements/profile-<p>.txt), then
+install.py exactly as a WebUI would run it, then the test tools under a freeze of the
+venv. Then it checks that nothing the host pins moved, and runs pytest with the
+profile's marker selection. Env: TRAINDECK_VENVS (where venvs live),
+TRAINDECK_TORCH_INDEX (an extra index for the torch wheel), TRAINDECK_PROFILE_TIMEOUT.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REQ = ROOT / "requirements"
+TORCH_CONSTRAINTS = REQ / "constraints-torch.txt"
+MARKER = ".traindeck-complete"
+SETUP_REVISION = "1"  # bump when the build steps below change, so old venvs are rebuilt
+
+_spec = importlib.util.spec_from_file_location("traindeck_install", ROOT / "install.py")
+install = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = install
+_spec.loader.exec_module(install)  # for satisfies()/canonical(): one version-matching rule
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    select: tuple[str, ...]  # pytest marker selection
+    forbid: tuple[str, ...]  # distributions that must not be installed
+
+
+PROFILES = {
+    "a1111": Profile("a1111", ("-m", "not needs_peft"), ("peft",)),
+    "forge": Profile("forge", (), ()),
+    "latest": Profile("latest", ("-m", "not ui"), ()),
+}
+
+
+@dataclass
+class Result:
+    profile: str
+    ok: bool
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    setup_s: float = 0.0
+    test_s: float = 0.0
+    note: str = ""
+
+
+class SetupError(RuntimeError):
+    """A venv could not be built or a host pin moved."""
+
+
+def venvs_dir() -> Path:
+    value = os.environ.get("TRAINDECK_VENVS")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "traindeck" / "venvs"
+
+
+def fingerprint(profile: Profile) -> str:
+    """A short hash of everything that decides the venv's content."""
+    digest = hashlib.sha256(f"{SETUP_REVISION}|{sys.version}|{sys.platform}".encode())
+    for path in (REQ / f"profile-{profile.name}.txt", TORCH_CONSTRAINTS, REQ / "test.txt", ROOT / "install.py"):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def child_env() -> dict[str, str]:
+    """The caller's environment without what would leak into the venv's behaviour."""
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "TRAINDECK_PIP", "PIP_REQUIRE_VIRTUALENV"}}
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    """Run a setup step with its output in the log; show the log's tail when it fails."""
+    with log.open("a", encoding="utf-8") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        done = subprocess.run(cmd, check=False, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env())
+    if done.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+        raise SetupError(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def freeze(python: Path) -> dict[str, str]:
+    """{canonical name: version} from pip freeze --all (pip itself included)."""
+    out = subprocess.run([str(python), "-m", "pip", "freeze", "--all"], capture_output=True, text=True,
+                         check=True, env=child_env()).stdout
+    pins = (re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$", line.strip()) for line in out.splitlines())
+    return {install.canonical(m.group(1)): m.group(2) for m in pins if m}
+
+
+def write_freeze(pins: dict[str, str], path: Path) -> Path:
+    path.write_text("".join(f"{n}=={v}\n" for n, v in sorted(pins.items())), encoding="utf-8")
+    return path
+
+
+def read_freeze(path: Path) -> dict[str, str]:
+    return dict(line.split("==", 1) for line in path.read_text(encoding="utf-8").split())
+
+
+def run_install_py(python: Path) -> None:
+    """install.py inside the venv, as the WebUI runs it; its lines are part of the report."""
+    done = subprocess.run([str(python), str(ROOT / "install.py")], check=False, capture_output=True, text=True,
+                          cwd=ROOT, env=child_env())
+    for line in (done.stdout + done.stderr).splitlines():
+        print(f"    {line}", flush=True)
+    if done.returncode != 0:
+        raise SetupError(f"install.py exited with {done.returncode}")
+
+
+def build(profile: Profile, venv: Path) -> None:
+    """Create the venv from scratch; the marker is written by the caller once the checks pass."""
+    for stale in venv.parent.glob(f"{profile.name}-*"):
+        if re.fullmatch(rf"{profile.name}-[0-9a-f]{{10}}", stale.name) and stale != venv:
+            print(f"  removing the outdated venv {stale}", flush=True)
+            shutil.rmtree(stale)
+    if venv.exists():
+        shutil.rmtree(venv)  # an unfinished build
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python, log = venv / "bin" / "python", venv / "setup.log"
+    pip = [str(python), "-m", "pip", "install", "-c", str(TORCH_CONSTRAINTS)]
+    index = os.environ.get("TRAINDECK_TORCH_INDEX")
+    print("  installing torch, then the host pins", flush=True)
+    run_logged([*pip, *(["--extra-index-url", index] if index else []), "torch"], log)
+    run_logged([*pip, "-r", str(REQ / f"profile-{profile.name}.txt")], log)
+    write_freeze(freeze(python), venv / "host-freeze.txt")
+    print("  install.py:", flush=True)
+    run_install_py(python)
+    frozen = write_freeze(freeze(python), venv / "before-tests-freeze.txt")
+    run_logged([*pip, "-c", str(frozen), "-r", str(REQ / "test.txt")], log)
+
+
+def check_pins(profile: Profile, venv: Path) -> None:
+    """Nothing the host had moved; every pin of the profile file holds; forbidden packages are absent."""
+    now, host = freeze(venv / "bin" / "python"), read_freeze(venv / "host-freeze.txt")
+    problems = [f"{n}: {v} -> {now.get(n, 'removed')}" for n, v in sorted(host.items()) if now.get(n) != v]
+    for line in (REQ / f"profile-{profile.name}.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$", line)
+        if match:
+            name, spec = install.canonical(match.group(1)), match.group(2)
+            if name not in now or (spec and not install.satisfies(now[name], spec)):
+                problems.append(f"{name}: {now.get(name, 'missing')} does not satisfy the pin {spec!r}")
+    problems += [f"{name} is installed ({now[name]}) but must not be" for name in profile.forbid if name in now]
+    if problems:
+        raise SetupError("host pins moved:\n    " + "\n    ".join(problems))
+
+
+def prepare(profile: Profile) -> Path:
+    """The profile's venv, built or reused, with install.py run and the pins checked."""
+    venv = venvs_dir() / f"{profile.name}-{fingerprint(profile)}"
+    if (venv / MARKER).is_file():
+        print(f"  reusing {venv}; install.py:", flush=True)
+        run_install_py(venv / "bin" / "python")  # a fresh checkout still needs the vocabulary
+        check_pins(profile, venv)
+        return venv
+    print(f"  building {venv}", flush=True)
+    build(profile, venv)
+    check_pins(profile, venv)
+    (venv / MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"), encoding="utf-8")  # last: complete
+    return venv
+
+
+def junit_counts(path: Path) -> tuple[int, int, int]:
+    """(passed, failed, skipped) from pytest's junit XML; errors count as failures."""
+    suites = ET.parse(path).getroot()
+    suites = [suites] if suites.tag == "testsuite" else list(suites.iter("testsuite"))
+    total = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+    failed = total["failures"] + total["errors"]
+    return total["tests"] - failed - total["skipped"], failed, total["skipped"]
+
+
+def run_pytest(profile: Profile, venv: Path, extra: list[str], result: Result) -> None:
+    timeout = float(os.environ.get("TRAINDECK_PROFILE_TIMEOUT", "1500"))
+    with tempfile.TemporaryDirectory(prefix="traindeck-junit-") as tmp:
+        xml = Path(tmp) / "junit.xml"
+        cmd = [str(venv / "bin" / "python"), "-m", "pytest", *profile.select, "--durations=10",  # keeps slow tests in view
+               f"--junitxml={xml}", *extra]
+        print(f"  $ {' '.join(cmd[1:])}", flush=True)
+        start = time.monotonic()
+        try:
+            code = subprocess.run(cmd, check=False, cwd=ROOT, env=child_env(), timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code, result.note = -1, f"pytest ran past {timeout:.0f} s and was stopped"
+        result.test_s = time.monotonic() - start
+        if xml.is_file():
+            result.passed, result.failed, result.skipped = junit_counts(xml)
+    if code == 5 or (code == 0 and result.passed == 0):
+        result.note = result.note or "no test ran"
+    result.ok = code == 0 and result.passed > 0
+
+
+def run_profile(profile: Profile, extra: list[str]) -> Result:
+    print(f"\n=== profile {profile.name}", flush=True)
+    result, start = Result(profile.name, ok=False), time.monotonic()
+    try:
+        venv = prepare(profile)
+    except (SetupError, subprocess.CalledProcessError, OSError) as exc:
+        result.setup_s, result.note = time.monotonic() - start, "setup failed"
+        print(f"  setup failed: {exc}", flush=True)
+        return result
+    result.setup_s = time.monotonic() - start
+    run_pytest(profile, venv, extra, result)
+    return result
+
+
+def summary(results: list[Result]) -> None:
+    print("\n=== summary", flush=True)
+    print(f"{'profile':<8} {'result':<6} {'passed':>6} {'failed':>6} {'skipped':>7} {'setup s':>8} {'tests s':>8}  note")
+    for r in results:
+        print(f"{r.profile:<8} {'ok' if r.ok else 'FAIL':<6} {r.passed:>6} {r.failed:>6} {r.skipped:>7} "
+              f"{r.setup_s:>8.1f} {r.test_s:>8.1f}  {r.note}")
+    passed, failed = sum(r.passed for r in results), sum(r.failed for r in results)
+    print(f"total: {passed} passed, {failed} failed", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    names, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown:
+        print(f"unknown profile(s) {unknown}; choose from {list(PROFILES)}", file=sys.stderr)
+        return 2
+    results = [run_profile(PROFILES[name], extra) for name in names or list(PROFILES)]
+    summary(results)
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
