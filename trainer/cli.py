@@ -1,0 +1,129 @@
+"""Headless CLI: python -m trainer --preset FILE [--model PATH] [--lora-dir DIR] [--set k=v ...]"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+from .config import TrainConfig
+from .params import ConfigError, Param
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_STOPPED = 3
+
+
+def _describe(name: str, p: Param, default: object) -> str:
+    kind = f"one of {', '.join(p.choices)}" if p.choices else p.kind
+    shown = json.dumps(default) if not isinstance(default, str) else repr(default)
+    modes = "" if len(p.modes) == 5 else f" [{', '.join(p.modes)}]"
+    return f"  {p.key}\n" + textwrap.fill(f"{p.help} ({kind}; default {shown}){modes}", 78,
+                                          initial_indent="      ", subsequent_indent="      ")
+
+
+def parameter_help() -> str:
+    """Every setting, generated from the schema."""
+    defaults = TrainConfig()
+    lines = ["settings (use with --set KEY=VALUE; KEY is the preset key or the field name):"]
+    for name, p in TrainConfig.params():
+        lines.append(_describe(name, p, getattr(defaults, name)))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description="Train one LoRA/LyCORIS job without a UI.",
+        epilog=parameter_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, help="preset JSON file, or a preset name in presets/")
+    parser.add_argument("--model", help="checkpoint file or diffusers folder (overrides the preset's model)")
+    parser.add_argument("--vae", help="separate VAE file (overrides the preset's vae)")
+    parser.add_argument("--lora-dir", default="output", help="where the network is written (default: ./output)")
+    parser.add_argument("--models-dir", action="append", default=[], help="folder to look up model names in (repeatable)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting (repeatable)")
+    parser.add_argument("--device", help="force a torch device, e.g. cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", item, "expected KEY=VALUE")
+        key = key.strip()
+        try:
+            TrainConfig.param_for(key)
+        except KeyError:
+            raise ConfigError("--set", item, f"unknown setting {key!r}; see --help for the list") from None
+        out[key] = value
+    return out
+
+
+def load_config(args: argparse.Namespace) -> TrainConfig:
+    from .presets import load_preset
+
+    warnings: list[str] = []
+    cfg = load_preset(args.preset, warnings=warnings)
+    for note in warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    overrides = parse_sets(args.sets)
+    if args.model:
+        overrides["model"] = args.model
+    if args.vae:
+        overrides["vae"] = args.vae
+    return cfg.with_overrides(overrides)
+
+
+class _Bar:
+    """tqdm progress for the training steps."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.pass_index = enabled, None, 0
+
+    def __call__(self, p) -> None:
+        if not self.enabled or p.phase != "training" or not p.total:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or p.pass_index != self.pass_index:
+            self.close()
+            self.bar, self.pass_index = tqdm(total=p.total, desc=f"{p.name} pass {p.pass_index}", unit="step"), p.pass_index
+        if p.step > self.bar.n:
+            self.bar.update(p.step - self.bar.n)
+            if p.loss_ema is not None:
+                self.bar.set_postfix(loss=f"{p.loss_ema:.4g}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from .engine import Trainer, TrainingFailed
+    from .host import StandaloneHost
+
+    bar = _Bar(not args.quiet)
+    try:
+        cfg = load_config(args)
+        host = StandaloneHost(Path(args.lora_dir), [Path(d) for d in args.models_dir])
+        result = Trainer(cfg, host, device=args.device, listeners=[bar]).run()
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingFailed as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    bar.close()
+    print(json.dumps(result.summary()))
+    return 0 if result.status == "done" else EXIT_STOPPED

@@ -1,0 +1,227 @@
+"""One pass of the training loop: network, optimizer, steps, logs and saves."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import devices
+from .events import JobStopped
+from .losses import Ema
+from .modes.base import PassInfo, PassSpec
+from .outputs import OutputPlan
+from .params import ConfigError
+
+if TYPE_CHECKING:
+    from .engine import RunResult, Trainer
+
+log = logging.getLogger(__name__)
+
+
+class PassRunner:
+    """Trains (or loads) the network of one PassSpec."""
+
+    def __init__(self, trainer: "Trainer", mode, spec: PassSpec, plan: OutputPlan | None, bundle,
+                 model_dtype: torch.dtype, seed: int, started: float, frozen: list):
+        self.t, self.mode, self.spec, self.plan = trainer, mode, spec, plan
+        self.cfg = spec.cfg
+        self.bundle, self.model_dtype, self.seed, self.started, self.frozen = bundle, model_dtype, seed, started, frozen
+        self.info = PassInfo()
+        self.final_message = ""
+        self.steps_done = 0
+        self.csv = None
+        self._written: set[Path] = set()
+
+    # ---- set-up ----------------------------------------------------------
+    def _build_network(self):
+        from .networks import Network
+
+        network = Network.build(self.bundle, self.cfg)
+        source = self.spec.load_from or self.cfg.network_resume
+        if source:
+            field = "diff_load_1st_pass" if self.spec.load_from else "network_resume"
+            path = Path(source).expanduser()
+            if not path.is_file():
+                alt = self.t.host.lora_dir() / (source if source.endswith(".safetensors") else f"{source}.safetensors")
+                if not alt.is_file():
+                    network.remove()
+                    raise ConfigError(field, source, f"no such file (also looked in {self.t.host.lora_dir()})")
+                path = alt
+            try:
+                network.load_weights(path)
+            except BaseException:
+                network.remove()
+                raise
+        return network
+
+    def _place_modules(self, trains_te: bool) -> None:
+        """Frozen weights on the device; gradient checkpointing as asked."""
+        dev = self.t.device
+        self.bundle.unet.to(dev)
+        for te in self.bundle.text_encoders:
+            te.to(dev)
+        if self.cfg.use_gradient_checkpointing:
+            self.bundle.unet.enable_gradient_checkpointing()
+            if trains_te:
+                for te in self.bundle.text_encoders:
+                    te.gradient_checkpointing_enable()
+
+    def _unplace(self) -> None:
+        if self.cfg.use_gradient_checkpointing:
+            self.bundle.unet.disable_gradient_checkpointing()
+            for te in self.bundle.text_encoders:
+                if getattr(te, "is_gradient_checkpointing", False):
+                    te.gradient_checkpointing_disable()
+        self.bundle.unet.eval()
+        for te in self.bundle.text_encoders:
+            te.eval()
+
+    # ---- the pass --------------------------------------------------------
+    def run(self, result: "RunResult"):
+        """Train the pass; returns the network when it stays applied, else None."""
+        network = self._build_network()
+        keep = False
+        try:
+            self._place_modules(network.trains_text_encoder)
+            network.to(self.t.device)  # not a submodule of the models: it moves on its own
+            ctx = self.t.make_context(self.spec, self.bundle, network, self.model_dtype, self.seed, self.frozen)
+            if self.spec.load_from:
+                keep = self.spec.keep_applied
+                return self._frozen(network) if keep else None
+            # optimizer first: a bad setting fails before minutes of caching
+            opt, sched = self._optimizer(network)
+            self.info = self.mode.prepare(ctx)
+            self._train(ctx, network, opt, sched, result)
+            keep = self.spec.keep_applied
+            return self._frozen(network) if keep else None
+        except torch.OutOfMemoryError:
+            devices.empty_cache(self.t.device)
+            self._failed(f"out of memory at step {self.steps_done}; try a smaller batch or image size, "
+                         "gradient checkpointing, or a lower precision", result)
+        finally:
+            if self.csv is not None:
+                self.csv.close()
+            self._unplace()
+            if not keep:
+                network.remove()
+
+    @staticmethod
+    def _frozen(network):
+        """The network stays in the model for the next pass but no longer trains."""
+        for group in network.param_groups(0.0, 0.0):
+            for p in group["params"]:
+                p.requires_grad_(False)
+        return network
+
+    def _optimizer(self, network):
+        from .optim import build_optimizer, build_scheduler
+
+        c = self.cfg
+        groups = network.param_groups(c.train_learning_rate, c.text_encoder_lr)
+        opt = build_optimizer(c.train_optimizer, groups, c.train_learning_rate, c.train_optimizer_settings)
+        sched = build_scheduler(
+            c.train_lr_scheduler, opt, total_steps=c.train_iterations, warmup_steps=c.train_lr_warmup_steps,
+            num_cycles=c.train_lr_scheduler_num_cycles, power=c.train_lr_scheduler_power,
+            step_rules=c.train_lr_step_rules, settings_text=c.train_lr_scheduler_settings)
+        return opt, sched
+
+    def _open_log(self, n_lrs: int) -> None:
+        from .runlog import CsvLog, HEADER_KEYS, log_path
+
+        if not self.cfg.logging_save_csv:
+            return
+        header = {k: getattr(self.cfg, k, "") for k in HEADER_KEYS if k != "model_version"}
+        header["model_version"] = self.bundle.model_version
+        header["train_seed"] = self.seed
+        header["network_type"] = self.cfg.network_type
+        from .fsutil import unique_path
+
+        # two jobs of one name may start within the same second
+        path = unique_path(log_path(self.cfg.save_lora_name, self.started, self.spec.suffix))
+        self.csv = CsvLog(path, header, n_lrs)
+
+    def _train(self, ctx, network, opt, sched, result: "RunResult") -> None:
+        scaler = torch.amp.GradScaler(self.t.device.type) if self.model_dtype == torch.float16 else None
+        self._open_log(len(opt.param_groups))
+        if self.csv is not None:
+            result.logs.append(self.csv.path)
+        self.bundle.unet.train()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        ema, times = Ema(), deque(maxlen=20)
+        total = self.cfg.train_iterations
+        self.t.emit(phase="training", step=0, total=total, message=self.spec.label or "training")
+        for step in range(1, total + 1):
+            if self.t.stop.requested:
+                self._stopped(network, opt, result)
+            tick = time.perf_counter()
+            loss = self.mode.loss(ctx, step)
+            raw = float(loss.detach())
+            if not math.isfinite(raw):
+                self._failed(f"loss became {raw} at step {step}", result)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            self.steps_done = result.steps = step
+            smooth = ema.update(raw)
+            if result.loss_first is None:
+                result.loss_first = raw
+            result.loss_last = raw
+            times.append(time.perf_counter() - tick)
+            self._after_step(step, total, raw, smooth, sched, times, network, opt, result)
+        self._save(network, opt, self.plan.final if self.plan else None, result, final=True)
+
+    def _after_step(self, step, total, raw, smooth, sched, times, network, opt, result) -> None:
+        lrs = [float(x) for x in sched.get_last_lr()]
+        if self.csv is not None:
+            self.csv.row(step, smooth, lrs, raw)
+        per_step = sum(list(times)[1:]) / max(1, len(times) - 1) if len(times) > 1 else times[0]
+        self.t.emit(step=step, loss=raw, loss_ema=smooth, lrs=lrs, it_per_s=1.0 / per_step if per_step else None,
+                    eta_s=per_step * (total - step))
+        if self.plan and step in self.plan.intermediate:
+            self._save(network, opt, self.plan.intermediate[step], result, final=False)
+
+    # ---- endings ---------------------------------------------------------
+    def _save(self, network, opt, path: Path | None, result: "RunResult", final: bool) -> None:
+        if path is None or not self.spec.save:
+            return
+        from .networks import build_metadata
+
+        from .optim import eval_weights
+
+        self.t.emit(phase="saving", message=f"saving {path.name}")
+        meta = build_metadata(
+            self.cfg, self.bundle, seed=self.seed, steps=self.steps_done, started_at=self.started,
+            finished_at=time.time(), num_images=self.info.num_images, tag_frequency=self.info.tag_frequency,
+            resolution=tuple(self.info.resolution), extra_settings={"train_seed": self.seed})
+        # schedule-free optimizers hold their averaged weights only in eval mode
+        with eval_weights(opt):
+            network.save(path, dtype=devices.DTYPES[self.cfg.save_precision], metadata=meta,
+                         overwrite=self.cfg.save_overwrite or path in self._written, strength=self.cfg.network_strength)
+        self._written.add(path)
+        result.saved.append(path)
+        if final:
+            result.output = path
+            self.final_message = f"saved {path}"
+        self.t.host.saved(path)
+        self.t.emit(phase="training", message=f"saved {path.name}")
+
+    def _stopped(self, network, opt, result: "RunResult") -> None:
+        if self.t.stop.save and self.steps_done > 0 and self.plan is not None:
+            self._save(network, opt, self.plan.final, result, final=True)
+        raise JobStopped()
+
+    def _failed(self, why: str, result: "RunResult") -> None:
+        from .engine import TrainingFailed
+
+        kept = ", ".join(str(p) for p in result.saved) or "nothing was saved"
+        raise TrainingFailed(f"{why}; the job stopped. Files kept: {kept}")
