@@ -16,6 +16,9 @@ if sys.path[:1] != [str(ROOT)]:
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_name] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# OpenMP threads that spin while waiting collapse (10-100x slower) when the cores are shared
+# with another process; sleeping waiters cost little. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _cpu_count() -> int:

@@ -13,7 +13,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def pick_device(preference: str | None = None) -> torch.device:
     """The accelerator torch reports (CUDA, XPU, MPS…) or the CPU.
 
-    `preference` may name a device ("cpu", "cuda:1", "mps") to force one.
+    `preference` may name a torch device (for example "cpu" or "mps") to force one.
     """
     if preference:
         return torch.device(preference)
