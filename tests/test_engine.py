@@ -202,3 +202,43 @@ def test_stop_flag_from_another_thread(tmp_path, logs):
     result = Trainer(quick_config(data, train_iterations=10_000), host, device="cpu", stop=stop).run()
     timer.join()
     assert result.status == "stopped" and 1 <= result.steps < 10_000 and result.output is None
+
+
+def test_precisions_reach_model_network_and_file(tmp_path, logs):
+    data = make_images(tmp_path / "data")
+    host = MemoryHost(tmp_path / "lora")
+    seen = {}
+
+    def look(p):
+        if p.phase == "training" and p.step == 1 and not seen:
+            seen["unet"] = next(host.bundle.unet.parameters()).dtype
+            seen["gc"] = host.bundle.unet.is_gradient_checkpointing
+
+    cfg = quick_config(data, train_iterations=2, train_model_precision="bf16", train_lora_precision="bf16",
+                       save_precision="fp16", use_gradient_checkpointing=True)
+    result = Trainer(cfg, host, device="cpu", listeners=[look]).run()
+    assert seen == {"unet": torch.bfloat16, "gc": True}
+    assert not host.bundle.unet.is_gradient_checkpointing  # switched off again afterwards
+    with safe_open(str(result.output), "pt") as f:
+        dtypes = {k.rsplit(".", 1)[-1] if k.endswith("alpha") else "weight": f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {"alpha": torch.float32, "weight": torch.float16}
+
+
+def test_fp16_model_precision_falls_back_to_fp32_on_cpu(tmp_path, logs):
+    data = make_images(tmp_path / "data")
+    host = MemoryHost(tmp_path / "lora")
+    seen = []
+    cfg = quick_config(data, train_iterations=1, train_model_precision="fp16")
+    Trainer(cfg, host, device="cpu",
+            listeners=[lambda p: seen.append(next(host.bundle.unet.parameters()).dtype)]).run()
+    assert set(seen) == {torch.float32}
+
+
+def test_gradient_checkpointing_gives_the_same_result(tmp_path, logs):
+    data = make_images(tmp_path / "data")
+    results = []
+    for gc in (False, True):
+        host = MemoryHost(tmp_path / f"lora{gc}")
+        cfg = quick_config(data, train_iterations=3, use_gradient_checkpointing=gc)
+        results.append(Trainer(cfg, host, device="cpu").run().loss_last)
+    assert results[0] == pytest.approx(results[1], rel=1e-5)

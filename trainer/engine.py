@@ -59,7 +59,7 @@ class Trainer:
                  stop: StopFlag | None = None, listeners: list[Listener] | tuple = ()):
         self.cfg = cfg
         self.host = host
-        self.device = devices.pick_device(device if isinstance(device, str) else None) if not isinstance(device, torch.device) else device
+        self.device = device if isinstance(device, torch.device) else devices.pick_device(device)
         self.stop = stop or StopFlag()
         self.listeners = list(listeners)
         self.progress = Progress(mode=cfg.mode, name=cfg.save_lora_name)
