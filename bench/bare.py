@@ -1,0 +1,225 @@
+"""The bare side of the step benchmark: hand-written LoRA/LoCon/LoHa/LoKr deltas and a plain loop.
+
+Each delta is hooked in the way LyCORIS's bypass mode hooks its modules (the
+original module's ``forward`` is replaced on the instance), so both sides take
+the same call path and differ only in what runs inside it. Shapes, ranks, scale
+and initial values are copied from the LyCORIS modules of a Network built for
+the same config, so both sides train exactly the same tensors.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.losses import DiffusionLoss
+from trainer.optim import build_optimizer
+
+
+class BareDelta(nn.Module):
+    """org(x) + delta(x) for one target layer; subclasses write delta()."""
+
+    def __init__(self, org: nn.Module, scale: float):
+        super().__init__()
+        self.is_conv = isinstance(org, nn.Conv2d)
+        self.shape = tuple(org.weight.shape)
+        self.conv_kw = ({"stride": org.stride, "padding": org.padding, "dilation": org.dilation,
+                         "groups": org.groups} if self.is_conv else {})
+        self.scale = float(scale)
+        object.__setattr__(self, "org_forward", org.forward)  # not a submodule: the U-Net owns it
+        org.forward = self.forward
+
+    def op(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The layer's own op with a delta weight (no bias)."""
+        return F.conv2d(x, weight, None, **self.conv_kw) if self.is_conv else F.linear(x, weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.org_forward(x) + self.delta(x)
+
+    def delta(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _param(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone().float())
+
+
+class BareLoRA(BareDelta):
+    """up(down(x)) * scale; convs: down is k x k with the layer's stride/padding, up is 1 x 1."""
+
+    def __init__(self, org: nn.Module, lyco):
+        super().__init__(org, lyco.scale)
+        self.down = _param(lyco.lora_down.weight)
+        self.up = _param(lyco.lora_up.weight)
+
+    def delta(self, x: Tensor) -> Tensor:
+        if self.is_conv:
+            return F.conv2d(F.conv2d(x, self.down, None, **self.conv_kw), self.up) * self.scale
+        return F.linear(F.linear(x, self.down), self.up) * self.scale
+
+
+class BareLoHa(BareDelta):
+    """op(x, ((w1a @ w1b) * (w2a @ w2b)).reshape(W) * scale): the Hadamard delta weight each forward."""
+
+    def __init__(self, org: nn.Module, lyco):
+        super().__init__(org, lyco.scale)
+        self.w1a, self.w1b = _param(lyco.hada_w1_a), _param(lyco.hada_w1_b)
+        self.w2a, self.w2b = _param(lyco.hada_w2_a), _param(lyco.hada_w2_b)
+
+    def weight(self) -> Tensor:
+        return ((self.w1a @ self.w1b) * (self.w2a @ self.w2b)).reshape(self.shape) * self.scale
+
+    def delta(self, x: Tensor) -> Tensor:
+        return self.op(x, self.weight())
+
+
+class BareLoKr(BareDelta):
+    """kron(w1, w2) * scale applied without building it, as LyCORIS's bypass does.
+
+    Input channels split into (uq, vq) groups: w2 (or its low-rank pair, or a k x k
+    conv) maps vq -> vp inside each group, then w1 mixes the groups uq -> up.
+    Factor shapes are the ones LyCORIS chose (read from its parameters).
+    """
+
+    def __init__(self, org: nn.Module, lyco):
+        super().__init__(org, lyco.scale)
+        if getattr(lyco, "tucker", False) and not lyco.use_w2:
+            raise ValueError("tucker LoKr is not part of this benchmark")
+        self.parts = nn.ParameterDict({
+            k: _param(getattr(lyco, f"lokr_{k}")) for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+            if isinstance(getattr(lyco, f"lokr_{k}", None), nn.Parameter)})
+
+    def w1(self) -> Tensor:
+        p = self.parts
+        return p["w1"] if "w1" in p else p["w1_a"] @ p["w1_b"]
+
+    def inner(self, h: Tensor) -> Tensor:
+        """The w2 map inside each group: full, or low-rank (down then up)."""
+        p, kernel = self.parts, self.shape[2:]
+        if "w2" in p:
+            return self.op(h, p["w2"])
+        rank = p["w2_b"].shape[0]
+        down = p["w2_b"].reshape(rank, -1, *kernel)
+        up = p["w2_a"].reshape(*p["w2_a"].shape, *([1] * len(kernel)))
+        mid = self.op(h, down)
+        return F.conv2d(mid, up) if self.is_conv else F.linear(mid, up)
+
+    def delta(self, x: Tensor) -> Tensor:
+        w1 = self.w1()
+        uq = w1.shape[1]
+        if self.is_conv:
+            n = x.shape[0]
+            hb = self.inner(x.reshape(n * uq, -1, *x.shape[2:]))     # (n*uq, vp, H, W)
+            hb = hb.view(n, uq, *hb.shape[1:]).transpose(1, -1)       # (n, W, vp, H, uq)
+            hc = F.linear(hb, w1).transpose(1, -1)                    # (n, up, vp, H, W)
+            return hc.reshape(n, -1, *hc.shape[3:]) * self.scale
+        hb = self.inner(x.reshape(*x.shape[:-1], uq, -1))             # (..., uq, vp)
+        hc = F.linear(hb.transpose(-1, -2), w1).transpose(-1, -2)     # (..., up, vp)
+        return hc.reshape(*hc.shape[:-2], -1) * self.scale
+
+
+class BareLoKrRebuild(BareLoKr):
+    """op(x, kron(w1, w2) * scale): the delta weight built each forward (for comparison only)."""
+
+    def weight(self) -> Tensor:
+        p = self.parts
+        kernel = self.shape[2:]
+        if "w2" in p:
+            w2 = p["w2"]
+        else:
+            w2 = (p["w2_a"] @ p["w2_b"].reshape(p["w2_b"].shape[0], -1)).reshape(p["w2_a"].shape[0], -1, *kernel)
+        w1 = self.w1()
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+        return torch.kron(w1, w2).reshape(self.shape) * self.scale
+
+    def delta(self, x: Tensor) -> Tensor:
+        return self.op(x, self.weight())
+
+
+BARE = {"lierla": BareLoRA, "c3lier": BareLoRA, "loha": BareLoHa, "lokr": BareLoKr}
+
+
+def attach(unet: nn.Module, algo: str, targets: list[tuple[str, object]], rebuild_lokr: bool = False) -> nn.ModuleList:
+    """Hook a bare delta into every target of `unet` (path, LyCORIS module)."""
+    cls = BareLoKrRebuild if algo == "lokr" and rebuild_lokr else BARE[algo]
+    deltas = nn.ModuleList()
+    for path, lyco in targets:
+        deltas.append(cls(unet.get_submodule(path), lyco))
+    return deltas
+
+
+def check_same_math(deltas: nn.ModuleList, targets: list[tuple[str, object]], seed: int = 0) -> float:
+    """Largest relative |bare - LyCORIS| delta output over all modules, on random weights and inputs.
+
+    Both sides get the same random weights for the probe, then their own values back.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    with torch.no_grad():
+        for delta, (_, lyco) in zip(deltas, targets):
+            pairs = list(zip(delta.parameters(), (p for _, p in _lyco_params(lyco, delta))))
+            saved = [p.detach().clone() for p, _ in pairs]
+            for p, q in pairs:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                q.data = p.detach().clone().to(q)
+            x = torch.randn(_probe_shape(delta), generator=gen)
+            mine = delta.delta(x)
+            theirs = lyco.bypass_forward_diff(x, scale=lyco.multiplier)
+            worst = max(worst, float((mine - theirs).abs().max()) / max(1e-12, float(theirs.abs().max())))
+            for (p, q), value in zip(pairs, saved):
+                p.copy_(value)
+                q.data = value.clone().to(q)
+    return worst
+
+
+def _probe_shape(delta: BareDelta) -> tuple[int, ...]:
+    """A small input the layer accepts: 8x8 images for convs, 7 tokens for linears."""
+    if delta.is_conv:
+        return (1, delta.shape[1] * delta.conv_kw["groups"], 8, 8)
+    return (1, 7, delta.shape[1])
+
+
+def _lyco_params(lyco, delta: BareDelta) -> list[tuple[str, nn.Parameter]]:
+    """The LyCORIS parameters matching the delta's, in the same order."""
+    if isinstance(delta, BareLoRA):
+        names = ["lora_down.weight", "lora_up.weight"]
+    elif isinstance(delta, BareLoHa):
+        names = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+    else:
+        names = [f"lokr_{k}" for k in delta.parts]
+    return [(n, lyco.get_parameter(n)) for n in names]
+
+
+def bare_loop(unet: nn.Module, deltas: nn.ModuleList, *, steps: int, latents: Tensor, cond: Tensor,
+              alphas_cumprod: Tensor, snr_gamma: float, lr: float, seed: int,
+              on_step: Callable[[int, float], None] | None = None) -> tuple[list[float], list[float]]:
+    """forward / backward / AdamW step / zero_grad, with fresh noise and timesteps each step.
+
+    Returns the wall and process-CPU seconds of each step.
+    """
+    opt = build_optimizer("AdamW", [{"params": list(deltas.parameters()), "lr": lr}], lr, "")
+    loss_fn = DiffusionLoss("MSE", alphas_cumprod, snr_gamma=snr_gamma, v_pred=False, device=latents.device)
+    sqrt_a = alphas_cumprod.float().sqrt()
+    sqrt_1ma = (1.0 - alphas_cumprod.float()).sqrt()
+    gen = torch.Generator().manual_seed(seed)
+    unet.train()
+    wall, cpu = [], []
+    for step in range(1, steps + 1):
+        tick, tock = time.perf_counter(), time.process_time()
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, alphas_cumprod.shape[0], (latents.shape[0],), generator=gen)
+        noisy = sqrt_a[t].view(-1, 1, 1, 1) * latents + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
+        pred = unet(noisy, t, cond, return_dict=False)[0]
+        loss, _ = loss_fn(pred, noise, t)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        wall.append(time.perf_counter() - tick)
+        cpu.append(time.process_time() - tock)
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+    unet.eval()
+    return wall, cpu
