@@ -60,11 +60,15 @@ class ModelBundle:
         return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for Stable Diffusion)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def latent_multiple(self) -> int:
         """Pixel sizes must be multiples of this for the U-Net to accept them."""
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         unet_factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        return vae_factor * unet_factor
+        return self.vae_factor * unet_factor
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae, *self.text_encoders]

@@ -1,7 +1,9 @@
 """Device and dtype choice. No device name is written out: torch says what it has."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 
@@ -44,3 +46,16 @@ def empty_cache(device: torch.device) -> None:
         mod = getattr(torch, device.type, None)
         if mod is not None and hasattr(mod, "empty_cache"):
             mod.empty_cache()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Global RNG seeded inside (network initialisation draws from it), restored afterwards.
+
+    The host process (a WebUI) keeps its own random state untouched.
+    """
+    kind = device.type if device.type != "cpu" else None  # None: torch picks (the CPU is always forked)
+    devices = [device.index or 0] if kind else []
+    with torch.random.fork_rng(devices=devices, device_type=kind):
+        torch.manual_seed(int(seed) % 2**63)
+        yield

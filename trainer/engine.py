@@ -109,7 +109,7 @@ class Trainer:
         try:
             for index, (spec, plan) in enumerate(zip(specs, plans), start=1):
                 self.emit(pass_index=index, total=spec.cfg.train_iterations, step=0)
-                runner = PassRunner(self, mode, spec, plan, bundle, model_dtype, seed, started, frozen)
+                runner = PassRunner(self, mode, spec, plan, bundle, model_dtype, seed, started, frozen, index)
                 out = runner.run(result)
                 if out is not None and spec.keep_applied:
                     frozen.append(out)
@@ -143,6 +143,7 @@ class Trainer:
             cfg=spec.cfg, bundle=bundle, network=network, device=self.device, dtype=model_dtype,
             seed=seed, generator=gen, stop=self.stop, encode=encode, encode_grad=encode_grad,
             autocast=lambda: devices.autocast(self.device, model_dtype), report=report, frozen=frozen,
+            spec=spec,
         )
 
 

@@ -3,6 +3,7 @@ saved with kohya/A1111 key names that A1111, Forge, ComfyUI and diffusers load.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,14 +143,18 @@ class Network:
             self._attach()
 
     @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Base-model predictions inside; the previous multiplier comes back afterwards."""
+    def scaled(self, m: float) -> Iterator[None]:
+        """The network at multiplier `m` inside; the previous multiplier comes back afterwards."""
         previous = self._multiplier
-        self.set_multiplier(0.0)
+        self.set_multiplier(m)
         try:
             yield
         finally:
             self.set_multiplier(previous)
+
+    def disabled(self) -> "contextlib.AbstractContextManager[None]":
+        """Base-model predictions inside (the modules are unhooked, so exactly the frozen model)."""
+        return self.scaled(0.0)
 
     def _attach(self) -> None:
         if not self._attached:

@@ -27,8 +27,8 @@ class PassRunner:
     """Trains (or loads) the network of one PassSpec."""
 
     def __init__(self, trainer: "Trainer", mode, spec: PassSpec, plan: OutputPlan | None, bundle,
-                 model_dtype: torch.dtype, seed: int, started: float, frozen: list):
-        self.t, self.mode, self.spec, self.plan = trainer, mode, spec, plan
+                 model_dtype: torch.dtype, seed: int, started: float, frozen: list, index: int = 1):
+        self.t, self.mode, self.spec, self.plan, self.index = trainer, mode, spec, plan, index
         self.cfg = spec.cfg
         self.bundle, self.model_dtype, self.seed, self.started, self.frozen = bundle, model_dtype, seed, started, frozen
         self.info = PassInfo()
@@ -41,7 +41,9 @@ class PassRunner:
     def _build_network(self):
         from .networks import Network
 
-        network = Network.build(self.bundle, self.cfg)
+        # Each pass's initial weights follow from the seed alone, whatever ran before it.
+        with devices.seeded(self.seed + self.index, next(self.bundle.unet.parameters()).device):
+            network = Network.build(self.bundle, self.cfg)
         source = self.spec.load_from or self.cfg.network_resume
         if source:
             field = "diff_load_1st_pass" if self.spec.load_from else "network_resume"
@@ -154,6 +156,7 @@ class PassRunner:
         params = [p for g in opt.param_groups for p in g["params"]]
         ema, times = Ema(), deque(maxlen=20)
         total = self.cfg.train_iterations
+        result.loss_first = result.loss_last = None  # the job's losses are those of its last trained pass
         self.t.emit(phase="training", step=0, total=total, message=self.spec.label or "training")
         for step in range(1, total + 1):
             if self.t.stop.requested:

@@ -8,6 +8,7 @@ import torch
 
 from .buckets import Bucket
 from .cache import LatentDataset
+from .variants import Sample
 
 
 @dataclass
@@ -25,6 +26,21 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+
+def collate_samples(samples: list[Sample], epoch: int = 0) -> Batch:
+    """Stack samples of one bucket into a Batch (opaque images get an all-ones mask)."""
+    masks = None
+    if any(s.mask is not None for s in samples):
+        masks = torch.stack([s.mask if s.mask is not None else torch.ones_like(s.latent[:1]) for s in samples])
+    return Batch(
+        latents=torch.stack([s.latent for s in samples]),
+        captions=[s.caption for s in samples],
+        original_sizes=[s.original_size for s in samples],
+        crop_top_lefts=[s.crop_top_left for s in samples],
+        target_sizes=[s.target_size for s in samples],
+        masks=masks, bucket=samples[0].bucket, epoch=epoch,
+    )
 
 
 class BucketBatches:
@@ -64,19 +80,7 @@ class BucketBatches:
 
     def collate(self, indices: list[int]) -> Batch:
         """Stack samples (all from one bucket) into a Batch."""
-        samples = [self.dataset.samples[i] for i in indices]
-        masks = None
-        if any(s.mask is not None for s in samples):
-            masks = torch.stack([s.mask if s.mask is not None else torch.ones_like(s.latent[:1])
-                                 for s in samples])
-        return Batch(
-            latents=torch.stack([s.latent for s in samples]),
-            captions=[s.caption for s in samples],
-            original_sizes=[s.original_size for s in samples],
-            crop_top_lefts=[s.crop_top_left for s in samples],
-            target_sizes=[s.target_size for s in samples],
-            masks=masks, bucket=samples[0].bucket, epoch=self.epoch,
-        )
+        return collate_samples([self.dataset.samples[i] for i in indices], self.epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

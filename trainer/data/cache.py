@@ -81,7 +81,7 @@ def vae_for_encoding(vae: torch.nn.Module, device: torch.device, dtype: torch.dt
 
 
 @dataclass
-class _Pending:
+class PendingImage:
     item: ImageItem
     size: tuple[int, int]  # original (height, width)
     variant_sub: int
@@ -90,7 +90,7 @@ class _Pending:
     index: int = -1  # order of arrival, so the dataset order does not depend on batching
 
 
-class _Encoder:
+class LatentEncoder:
     """Collects rendered variants per bucket and encodes them in small batches."""
 
     def __init__(self, vae: Any, device: torch.device, dtype: torch.dtype, scale: float, shift: float,
@@ -98,11 +98,11 @@ class _Encoder:
         self.vae, self.device, self.dtype = vae, device, dtype
         self.scale, self.shift, self.batch = scale, shift, max(1, batch)
         self.store_device, self.precision = store_device, precision
-        self.pending: dict[Bucket, list[_Pending]] = defaultdict(list)
+        self.pending: dict[Bucket, list[PendingImage]] = defaultdict(list)
         self.done: dict[int, Sample] = {}
         self.count = 0
 
-    def add(self, bucket: Bucket, entry: _Pending) -> None:
+    def add(self, bucket: Bucket, entry: PendingImage) -> None:
         entry.index, self.count = self.count, self.count + 1
         self.pending[bucket].append(entry)
         if len(self.pending[bucket]) >= self.batch:
@@ -158,7 +158,7 @@ def build_latent_dataset(items: Sequence[ImageItem], cfg: Any, bundle: Any, *, d
     dtype = compute_dtype(cfg.train_VAE_precision, device)
     data = LatentDataset([], buckets)
     with vae_for_encoding(bundle.vae, device, dtype) as vae:
-        enc = _Encoder(vae, device, dtype, bundle.vae_scale, bundle.vae_shift, encode_batch, store,
+        enc = LatentEncoder(vae, device, dtype, bundle.vae_scale, bundle.vae_shift, encode_batch, store,
                        cfg.train_VAE_precision)
         for n, item in enumerate(items):
             check_stop(should_stop)
@@ -178,7 +178,7 @@ def build_latent_dataset(items: Sequence[ImageItem], cfg: Any, bundle: Any, *, d
     return data
 
 
-def _add_image(enc: _Encoder, item: ImageItem, cfg: Any, buckets: Buckets, data: LatentDataset) -> bool:
+def _add_image(enc: LatentEncoder, item: ImageItem, cfg: Any, buckets: Buckets, data: LatentDataset) -> bool:
     """Queue every variant of one image; False when the image is left out."""
     try:
         rgb, mask = load_image(item.path)
@@ -195,5 +195,5 @@ def _add_image(enc: _Encoder, item: ImageItem, cfg: Any, buckets: Buckets, data:
         return False
     for v in variants:
         pixels = render_variant(rgb, mask, v)
-        enc.add(v.bucket, _Pending(item, (rgb.height, rgb.width), v.sub_index, v.mirrored, pixels))
+        enc.add(v.bucket, PendingImage(item, (rgb.height, rgb.width), v.sub_index, v.mirrored, pixels))
     return True

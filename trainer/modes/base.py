@@ -14,6 +14,7 @@ import torch
 from ..bundle import ModelBundle
 from ..config import TrainConfig
 from ..events import StopFlag
+from ..losses import DiffusionLoss, noise_like, sample_timesteps, training_target
 
 
 @dataclass
@@ -26,6 +27,7 @@ class PassSpec:
     keep_applied: bool = False  # leave the network in the model, frozen, for the next pass
     load_from: str = ""         # skip training: load this network file instead
     label: str = ""             # shown in progress ("copier", "difference")
+    role: str = "main"          # which part of the mode this pass is ("copier", "difference", ...)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class StepContext:
     report: Callable[[str, int, int], None]  # (message, done, total) while preparing
     frozen: list = field(default_factory=list)  # networks of earlier passes, still applied
     state: dict[str, Any] = field(default_factory=dict)
+    spec: PassSpec | None = None             # the pass being trained
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -93,6 +96,43 @@ def unet_predict(ctx: StepContext, noisy: torch.Tensor, timesteps: torch.Tensor,
         kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(ctx.device, ctx.dtype), "time_ids": time_ids}
     with ctx.autocast():
         return ctx.bundle.unet(noisy.to(ctx.dtype), timesteps, hidden, return_dict=False, **kwargs)[0]
+
+
+def make_loss(ctx: StepContext) -> DiffusionLoss:
+    """The pass's loss function (kind, min-SNR weights) on the training device."""
+    cfg = ctx.cfg
+    return DiffusionLoss(cfg.train_loss_function, ctx.bundle.noise_scheduler.alphas_cumprod,
+                         snr_gamma=cfg.train_snr_gamma, v_pred=ctx.bundle.v_pred, device=ctx.device)
+
+
+def draw_timesteps(ctx: StepContext, batch: int) -> torch.Tensor:
+    """Timesteps in [train_min_timesteps, train_max_timesteps) from the pass's generator."""
+    cfg = ctx.cfg
+    return sample_timesteps(batch, cfg.train_min_timesteps, cfg.train_max_timesteps,
+                            same_in_batch=cfg.train_fixed_timsteps_in_batch, generator=ctx.generator,
+                            device=ctx.device)
+
+
+def batch_time_ids(ctx: StepContext, batch: Any) -> torch.Tensor | None:
+    """SDXL's size conditioning for a data Batch; None for SD1/SD2."""
+    if not ctx.bundle.is_sdxl:
+        return None
+    from ..textenc import sdxl_time_ids
+
+    return sdxl_time_ids(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes,
+                         device=ctx.device, dtype=ctx.dtype)
+
+
+def denoising_loss(ctx: StepContext, latents: torch.Tensor, cond: Any, time_ids: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The standard objective: noise the latents, predict epsilon (or v), weighted loss."""
+    noise = noise_like(latents, offset=ctx.cfg.noise_offset, generator=ctx.generator)
+    timesteps = draw_timesteps(ctx, latents.shape[0])
+    noisy = ctx.bundle.noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet_predict(ctx, noisy, timesteps, cond, time_ids)
+    target = training_target(ctx.bundle.noise_scheduler, latents, noise, timesteps, ctx.bundle.v_pred)
+    loss, _ = ctx.state["loss"](pred.float(), target, timesteps, mask)
+    return loss
 
 
 def tag_frequency(captions: list[str], folder_name: str = "data") -> dict[str, dict[str, int]]:

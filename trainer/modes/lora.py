@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import TrainConfig
-from ..losses import DiffusionLoss, noise_like, sample_timesteps, training_target
-from .base import PassInfo, PassSpec, StepContext, tag_frequency, unet_predict
+from .base import PassInfo, PassSpec, StepContext, batch_time_ids, denoising_loss, make_loss, tag_frequency
 
 
 class LoraMode:
@@ -27,8 +26,7 @@ class LoraMode:
             should_stop=ctx.should_stop)
         ctx.state["batches"] = iter(BucketBatches(dataset, cfg.train_batch_size, ctx.seed, repeats=cfg.image_num_multiply))
         ctx.state["text"] = None
-        ctx.state["loss"] = DiffusionLoss(cfg.train_loss_function, bundle.noise_scheduler.alphas_cumprod,
-                                          snr_gamma=cfg.train_snr_gamma, v_pred=bundle.v_pred, device=ctx.device)
+        ctx.state["loss"] = make_loss(ctx)
         if not ctx.network.trains_text_encoder:
             text = TextCache(ctx.encode)
             text.warm(dataset.captions, lambda done, total: ctx.report("encoding captions", done, total),
@@ -41,23 +39,8 @@ class LoraMode:
                         resolution=(cfg.image_size[1], cfg.image_size[0]))
 
     def loss(self, ctx: StepContext, step: int) -> torch.Tensor:
-        from ..textenc import sdxl_time_ids
-
-        cfg = ctx.cfg
         batch = next(ctx.state["batches"])
         latents = batch.latents.to(ctx.device, torch.float32, non_blocking=True)
-        noise = noise_like(latents, offset=cfg.noise_offset, generator=ctx.generator)
-        timesteps = sample_timesteps(latents.shape[0], cfg.train_min_timesteps, cfg.train_max_timesteps,
-                                     same_in_batch=cfg.train_fixed_timsteps_in_batch,
-                                     generator=ctx.generator, device=ctx.device)
-        noisy = ctx.bundle.noise_scheduler.add_noise(latents, noise, timesteps)
         text = ctx.state["text"]
         cond = text.get(batch.captions) if text is not None else ctx.encode_grad(batch.captions)
-        time_ids = None
-        if ctx.bundle.is_sdxl:
-            time_ids = sdxl_time_ids(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes,
-                                     device=ctx.device, dtype=ctx.dtype)
-        pred = unet_predict(ctx, noisy, timesteps, cond, time_ids)
-        target = training_target(ctx.bundle.noise_scheduler, latents, noise, timesteps, ctx.bundle.v_pred)
-        loss, _ = ctx.state["loss"](pred.float(), target, timesteps)
-        return loss
+        return denoising_loss(ctx, latents, cond, batch_time_ids(ctx, batch))
