@@ -126,8 +126,8 @@ class TrainConfig:
     save_as_json: bool = param("bool", False, "Save settings JSON", "Write the settings next to the logs.")
     model_v_pred: bool = param("bool", False, "v-prediction", "The model predicts v (SD2 768-v); detected when possible.")
     use_2nd_pass_settings: bool = param("bool", False, "Use 2nd pass settings", "Difference pass 2 uses the '2nd pass' settings.", modes=_DIFF)
-    original_prompt: str = param("text", "", "Original prompt", "iLECO: the concept to change. Difference/ADDifT: caption of the original.", key="original prompt", modes=_PROMPTED)
-    target_prompt: str = param("text", "", "Target prompt", "iLECO: what it becomes (empty erases). Difference/ADDifT: caption of the target.", key="target prompt", modes=_PROMPTED)
+    original_prompt: str = param("text", "", "Original prompt", "iLECO: the concept to change. Difference: the caption of both images. ADDifT: the caption of the original.", key="original prompt", modes=_PROMPTED)
+    target_prompt: str = param("text", "", "Target prompt", "iLECO: what it becomes (empty erases). ADDifT: the caption of the target.", key="target prompt", modes=("iLECO", "ADDifT"))
     negative_prompt: str = param("text", "", "Negative prompt", "Only used for previews.", key="negative prompt", modes=("iLECO",))
     second_pass: dict = dataclasses.field(default_factory=dict, metadata={"second_pass": True})
 

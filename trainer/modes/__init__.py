@@ -5,14 +5,26 @@ from .base import Mode, PassInfo, PassSpec, StepContext
 
 
 def get_mode(name: str) -> Mode:
-    """The strategy for a mode name from the schema."""
+    """A fresh strategy for a mode name from the schema (one per job: it may cache data between passes)."""
     from ..params import ConfigError
 
     if name == "LoRA":
         from .lora import LoraMode
 
         return LoraMode()
-    raise ConfigError("mode", name, "this mode is not available yet")
+    if name == "iLECO":
+        from .ileco import IlecoMode
+
+        return IlecoMode()
+    if name == "Difference":
+        from .difference import DifferenceMode
+
+        return DifferenceMode()
+    if name in ("ADDifT", "Multi-ADDifT"):
+        from .addift import AddiftMode
+
+        return AddiftMode(name)
+    raise ConfigError("mode", name, "unknown mode")
 
 
 __all__ = ["Mode", "PassInfo", "PassSpec", "StepContext", "get_mode"]
