@@ -18,13 +18,6 @@ from trainer.textenc import encode_prompts
 from tests.enginekit import MemoryHost, fixed_eval_loss, make_images, quick_config
 
 
-@pytest.fixture()
-def logs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRAINDECK_LOGS", str(tmp_path / "logs"))
-    monkeypatch.setenv("TRAINDECK_JSONS", str(tmp_path / "jsons"))
-    return tmp_path / "logs"
-
-
 def _eval_setup(host, data_cfg):
     """Cached latents of the training images and the caption conditioning."""
     from trainer.data import build_latent_dataset, scan_images

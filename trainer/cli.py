@@ -9,12 +9,13 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from .config import TrainConfig
+from .config import SECOND_PASS_KEY, TrainConfig
 from .params import ConfigError, Param
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
+SECOND_PASS_PREFIX = f"{SECOND_PASS_KEY}."  # --set "2nd pass.train_iterations=200"
 
 
 def _describe(name: str, p: Param, default: object) -> str:
@@ -28,7 +29,8 @@ def _describe(name: str, p: Param, default: object) -> str:
 def parameter_help() -> str:
     """Every setting, generated from the schema."""
     defaults = TrainConfig()
-    lines = ["settings (use with --set KEY=VALUE; KEY is the preset key or the field name):"]
+    lines = ["settings (use with --set KEY=VALUE; KEY is the preset key or the field name;",
+             "Difference's second pass takes --set \"2nd pass.KEY=VALUE\"):"]
     for name, p in TrainConfig.params():
         lines.append(_describe(name, p, getattr(defaults, name)))
     return "\n".join(lines)
@@ -50,19 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_sets(items: Sequence[str]) -> dict[str, str]:
+def parse_sets(items: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(overrides, second-pass overrides) from KEY=VALUE items; ``2nd pass.KEY=VALUE`` goes to the second."""
     out: dict[str, str] = {}
+    second: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", item, "expected KEY=VALUE")
         key = key.strip()
+        target = out
+        if key.startswith(SECOND_PASS_PREFIX):
+            key, target = key[len(SECOND_PASS_PREFIX):].strip(), second
         try:
             TrainConfig.param_for(key)
         except KeyError:
             raise ConfigError("--set", item, f"unknown setting {key!r}; see --help for the list") from None
-        out[key] = value
-    return out
+        target[key] = value
+    return out, second
 
 
 def load_config(args: argparse.Namespace) -> TrainConfig:
@@ -72,12 +79,15 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
     cfg = load_preset(args.preset, warnings=warnings)
     for note in warnings:
         print(f"warning: {note}", file=sys.stderr)
-    overrides = parse_sets(args.sets)
+    overrides, second = parse_sets(args.sets)
     if args.model:
         overrides["model"] = args.model
     if args.vae:
         overrides["vae"] = args.vae
-    return cfg.with_overrides(overrides)
+    cfg = cfg.with_overrides(overrides)
+    if second:
+        cfg = cfg.with_overrides({SECOND_PASS_KEY: {**cfg.second_pass, **second}})
+    return cfg
 
 
 class _Bar:
