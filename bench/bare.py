@@ -29,6 +29,7 @@ class BareDelta(nn.Module):
         self.conv_kw = ({"stride": org.stride, "padding": org.padding, "dilation": org.dilation,
                          "groups": org.groups} if self.is_conv else {})
         self.scale = float(scale)
+        self.enabled = True  # False: the layer runs as the frozen model's own
         object.__setattr__(self, "org_forward", org.forward)  # not a submodule: the U-Net owns it
         org.forward = self.forward
 
@@ -37,6 +38,8 @@ class BareDelta(nn.Module):
         return F.conv2d(x, weight, None, **self.conv_kw) if self.is_conv else F.linear(x, weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.org_forward(x)
         return self.org_forward(x) + self.delta(x)
 
     def delta(self, x: Tensor) -> Tensor:
@@ -193,27 +196,17 @@ def _lyco_params(lyco, delta: BareDelta) -> list[tuple[str, nn.Parameter]]:
     return [(n, lyco.get_parameter(n)) for n in names]
 
 
-def bare_loop(unet: nn.Module, deltas: nn.ModuleList, *, steps: int, latents: Tensor, cond: Tensor,
-              alphas_cumprod: Tensor, snr_gamma: float, lr: float, seed: int,
-              on_step: Callable[[int, float], None] | None = None) -> tuple[list[float], list[float]]:
-    """forward / backward / AdamW step / zero_grad, with fresh noise and timesteps each step.
-
-    Returns the wall and process-CPU seconds of each step.
-    """
+def _timed_loop(unet: nn.Module, deltas: nn.ModuleList, steps: int, lr: float, seed: int,
+                step_loss: Callable[[torch.Generator], Tensor],
+                on_step: Callable[[int, float], None] | None = None) -> tuple[list[float], list[float]]:
+    """loss / backward / AdamW step / zero_grad per step; the wall and process-CPU seconds of each."""
     opt = build_optimizer("AdamW", [{"params": list(deltas.parameters()), "lr": lr}], lr, "")
-    loss_fn = DiffusionLoss("MSE", alphas_cumprod, snr_gamma=snr_gamma, v_pred=False, device=latents.device)
-    sqrt_a = alphas_cumprod.float().sqrt()
-    sqrt_1ma = (1.0 - alphas_cumprod.float()).sqrt()
     gen = torch.Generator().manual_seed(seed)
     unet.train()
     wall, cpu = [], []
     for step in range(1, steps + 1):
         tick, tock = time.perf_counter(), time.process_time()
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, alphas_cumprod.shape[0], (latents.shape[0],), generator=gen)
-        noisy = sqrt_a[t].view(-1, 1, 1, 1) * latents + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
-        pred = unet(noisy, t, cond, return_dict=False)[0]
-        loss, _ = loss_fn(pred, noise, t)
+        loss = step_loss(gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -223,3 +216,46 @@ def bare_loop(unet: nn.Module, deltas: nn.ModuleList, *, steps: int, latents: Te
             on_step(step, float(loss.detach()))
     unet.eval()
     return wall, cpu
+
+
+def bare_loop(unet: nn.Module, deltas: nn.ModuleList, *, steps: int, latents: Tensor, cond: Tensor,
+              alphas_cumprod: Tensor, snr_gamma: float, lr: float, seed: int,
+              on_step: Callable[[int, float], None] | None = None) -> tuple[list[float], list[float]]:
+    """The LoRA step by hand, with fresh noise and timesteps each step."""
+    loss_fn = DiffusionLoss("MSE", alphas_cumprod, snr_gamma=snr_gamma, v_pred=False, device=latents.device)
+    sqrt_a = alphas_cumprod.float().sqrt()
+    sqrt_1ma = (1.0 - alphas_cumprod.float()).sqrt()
+
+    def step_loss(gen: torch.Generator) -> Tensor:
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, alphas_cumprod.shape[0], (latents.shape[0],), generator=gen)
+        noisy = sqrt_a[t].view(-1, 1, 1, 1) * latents + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
+        pred = unet(noisy, t, cond, return_dict=False)[0]
+        return loss_fn(pred, noise, t)[0]
+
+    return _timed_loop(unet, deltas, steps, lr, seed, step_loss, on_step)
+
+
+def set_enabled(deltas: nn.ModuleList, on: bool) -> None:
+    for delta in deltas:
+        delta.enabled = on
+
+
+def bare_ileco_loop(unet: nn.Module, deltas: nn.ModuleList, *, steps: int, shape: tuple[int, ...], cond_orig: Tensor,
+                    cond_targ: Tensor, alphas_cumprod: Tensor, snr_gamma: float, lr: float,
+                    seed: int) -> tuple[list[float], list[float]]:
+    """iLECO's step by hand: random latents, a no-grad base forward with the deltas off, then
+    a forward with them on against it."""
+    loss_fn = DiffusionLoss("MSE", alphas_cumprod, snr_gamma=snr_gamma, v_pred=False, device=cond_orig.device)
+
+    def step_loss(gen: torch.Generator) -> Tensor:
+        z = torch.randn(shape, generator=gen)
+        t = torch.randint(0, alphas_cumprod.shape[0], (shape[0],), generator=gen)
+        set_enabled(deltas, False)
+        with torch.no_grad():
+            base = unet(z, t, cond_targ, return_dict=False)[0]
+        set_enabled(deltas, True)
+        pred = unet(z, t, cond_orig, return_dict=False)[0]
+        return loss_fn(pred, base, t)[0]
+
+    return _timed_loop(unet, deltas, steps, lr, seed, step_loss)

@@ -2,9 +2,11 @@
 
     python bench/step.py [--quick] [--algos lierla,c3lier,loha,lokr] [--steps N] [--rounds R]
 
-For each algo it runs, in one process and interleaved to cancel drift:
+For each algo (and for iLECO with lierla) it runs, in one process and interleaved to cancel drift:
 bare, trainer, bare, trainer, ..., bare. The trainer side is the real engine
 (`Trainer(cfg, host).run()`, LoRA mode, BASE off); the bare side is bench/bare.py.
+The iLECO row compares the engine's iLECO mode with a bare loop doing the same two
+forwards (the first with the deltas switched off, under no_grad) and one backward.
 The ratio of a round is the trainer's median ms/step over the mean of the bare
 medians just before and after it; P1 is the median of the rounds' ratios.
 The last line of output is one JSON object.
@@ -35,6 +37,8 @@ from trainer.engine import Trainer  # noqa: E402
 from trainer.networks import Network  # noqa: E402
 from trainer.textenc import encode_prompts  # noqa: E402
 
+ILECO_PROMPTS = ("pattern 0, checkers", "")  # erase: toward the empty prompt
+
 
 class Bench:
     """One benchmark run: the model, data, a pristine U-Net copy and the output folder."""
@@ -50,11 +54,17 @@ class Bench:
         self.latents = torch.randn((1, 4, PIXELS // 8, PIXELS // 8), generator=gen)
         with torch.no_grad():
             self.cond = encode_prompts(self.bundle, ["pattern 0, checkers"]).hidden.detach()
+            both = encode_prompts(self.bundle, list(ILECO_PROMPTS)).hidden.detach()
+            self.ileco_conds = (both[:1], both[1:])
         self.runs = 0
 
-    def cfg(self, algo: str, steps: int):
+    def cfg(self, algo: str, steps: int, mode: str = "LoRA"):
         self.runs += 1
-        return bench_config(algo, self.data, steps, f"bench-{algo}-{self.runs}")
+        cfg = bench_config(algo, self.data, steps, f"bench-{mode}-{algo}-{self.runs}")
+        if mode == "iLECO":
+            cfg = cfg.with_overrides({"mode": "iLECO", "original prompt": ILECO_PROMPTS[0],
+                                      "target prompt": ILECO_PROMPTS[1]})
+        return cfg
 
     def bare_model(self, algo: str) -> tuple[torch.nn.Module, torch.nn.ModuleList, int, int, float]:
         """A copy of the U-Net with bare deltas on exactly the layers the trainer's network targets."""
@@ -71,15 +81,20 @@ class Bench:
         finally:
             network.remove()
 
-    def trainer_segment(self, algo: str, steps: int) -> tuple[list[float], list[float]]:
+    def trainer_segment(self, algo: str, steps: int, mode: str = "LoRA") -> tuple[list[float], list[float]]:
         clock = StepClock()
-        result = Trainer(self.cfg(algo, steps), BenchHost(self.bundle, self.lora_dir),
+        result = Trainer(self.cfg(algo, steps, mode), BenchHost(self.bundle, self.lora_dir),
                          device=torch.device("cpu"), listeners=[clock]).run()
         if result.status != "done" or result.steps != steps:
             raise RuntimeError(f"trainer run ended {result.status} after {result.steps} steps")
         return clock.durations()
 
-    def bare_segment(self, unet, deltas, steps: int, seed: int) -> tuple[list[float], list[float]]:
+    def bare_segment(self, unet, deltas, steps: int, seed: int, mode: str = "LoRA") -> tuple[list[float], list[float]]:
+        if mode == "iLECO":
+            return bare.bare_ileco_loop(unet, deltas, steps=steps, shape=tuple(self.latents.shape),
+                                        cond_orig=self.ileco_conds[0], cond_targ=self.ileco_conds[1],
+                                        alphas_cumprod=self.bundle.noise_scheduler.alphas_cumprod,
+                                        snr_gamma=5.0, lr=LEARNING_RATE, seed=seed)
         return bare.bare_loop(unet, deltas, steps=steps, latents=self.latents, cond=self.cond,
                               alphas_cumprod=self.bundle.noise_scheduler.alphas_cumprod,
                               snr_gamma=5.0, lr=LEARNING_RATE, seed=seed)
@@ -95,18 +110,19 @@ def _ratios(trainer: list[float], bare_ms: list[float]) -> list[float]:
     return [t / ((bare_ms[i] + bare_ms[i + 1]) / 2) for i, t in enumerate(trainer)]
 
 
-def bench_algo(b: Bench, algo: str) -> dict:
-    """bare, trainer, bare, ... for one algo; per-round ratios against the neighbouring bare medians."""
+def bench_algo(b: Bench, algo: str, mode: str = "LoRA") -> dict:
+    """bare, trainer, bare, ... for one algo (and mode); per-round ratios against the neighbouring bare medians."""
     a = b.args
+    label = algo if mode == "LoRA" else mode.lower()
     unet, deltas, n_mod, n_net, worst = b.bare_model(algo)
     if worst > 1e-4:
         raise RuntimeError(f"{algo}: bare delta differs from LyCORIS's by {worst:.2e} (relative)")
-    bare_seg = [_medians(b.bare_segment(unet, deltas, a.steps, SEED), a.warmup)]
+    bare_seg = [_medians(b.bare_segment(unet, deltas, a.steps, SEED, mode), a.warmup)]
     trainer_seg = []
     for r in range(a.rounds):
-        trainer_seg.append(_medians(b.trainer_segment(algo, a.steps), a.warmup))
-        bare_seg.append(_medians(b.bare_segment(unet, deltas, a.steps, SEED + r + 1), a.warmup))
-        print(f"  {algo} round {r + 1}: bare {bare_seg[-2][0]:.1f} | trainer {trainer_seg[-1][0]:.1f} | "
+        trainer_seg.append(_medians(b.trainer_segment(algo, a.steps, mode), a.warmup))
+        bare_seg.append(_medians(b.bare_segment(unet, deltas, a.steps, SEED + r + 1, mode), a.warmup))
+        print(f"  {label} round {r + 1}: bare {bare_seg[-2][0]:.1f} | trainer {trainer_seg[-1][0]:.1f} | "
               f"bare {bare_seg[-1][0]:.1f} ms/step (wall); cpu {bare_seg[-2][1]:.1f} | "
               f"{trainer_seg[-1][1]:.1f} | {bare_seg[-1][1]:.1f}", flush=True)
     wall = _ratios([t[0] for t in trainer_seg], [x[0] for x in bare_seg])
@@ -154,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="steps per segment (quick 20, full 40)")
     p.add_argument("--warmup", type=int, default=None, help="steps dropped per segment (quick 5, full 8)")
     p.add_argument("--rounds", type=int, default=None, help="trainer segments per algo (quick 2, full 4)")
+    p.add_argument("--no-ileco", dest="ileco", action="store_false",
+                   help="skip iLECO (two U-Net forwards, the first without grad and network, one backward)")
     p.add_argument("--lokr-rebuild", action="store_true",
                    help="bare LoKr builds kron(w1, w2) each forward instead of LyCORIS's grouped bypass")
     p.add_argument("--threads", default="auto",
@@ -188,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{PIXELS}x{PIXELS} px, batch 1, fp32, AdamW, rank 16 / alpha 8; torch {torch.__version__}, "
               f"{threads} threads ({why}); load {load_before}", flush=True)
         results = {algo: bench_algo(b, algo) for algo in args.algos}
+        if args.ileco:
+            results["ileco"] = bench_algo(b, "lierla", "iLECO")
     print_table(results)
     summary = {
         "P1": {k: round(v["ratio"], 4) for k, v in results.items()},
