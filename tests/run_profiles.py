@@ -187,12 +187,18 @@ def junit_counts(path: Path) -> tuple[int, int, int]:
     return total["tests"] - failed - total["skipped"], failed, total["skipped"]
 
 
+def workers() -> list[str]:
+    """pytest-xdist arguments: one worker per CPU this process may use (each runs torch on one thread)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ["-n", str(cpus)] if cpus > 1 else []
+
+
 def run_pytest(profile: Profile, venv: Path, extra: list[str], result: Result) -> None:
     timeout = float(os.environ.get("TRAINDECK_PROFILE_TIMEOUT", "1500"))
     with tempfile.TemporaryDirectory(prefix="traindeck-junit-") as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [str(venv / "bin" / "python"), "-m", "pytest", *profile.select, "--durations=10",  # keeps slow tests in view
-               f"--junitxml={xml}", *extra]
+        cmd = [str(venv / "bin" / "python"), "-m", "pytest", *profile.select, *workers(),
+               "--durations=10", f"--junitxml={xml}", *extra]  # durations keep slow tests in view
         print(f"  $ {' '.join(cmd[1:])}", flush=True)
         start = time.monotonic()
         try:
