@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import math
 
 import pytest
 import torch
@@ -205,3 +206,15 @@ def test_pair_sizes_must_match_and_the_error_names_both(tmp_path, logs):
         assert info.value.key == "diff_target_image"
         assert "64x128" in str(info.value) and "64x64" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+@pytest.mark.parametrize("mode", ["iLECO", "Difference", "ADDifT", "Multi-ADDifT"])
+def test_every_mode_trains_every_family(tmp_path, logs, mode, family):
+    orig, targ = write_pair(tmp_path / "pair", target_suffix="_t")
+    cfg = job(tmp_path, mode, train_iterations=2, original_prompt="a cat", diff_original_image=str(orig),
+              diff_target_image=str(targ), lora_data_directory=str(tmp_path / "pair"), diff_target_name="_t")
+    host = MemoryHost(tmp_path / "out", family=family)
+    result = Trainer(cfg, host, device="cpu").run()
+    assert result.status == "done" and result.steps == 2 and result.output.is_file()
+    assert math.isfinite(result.loss_first) and math.isfinite(result.loss_last)
