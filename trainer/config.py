@@ -47,6 +47,15 @@ IGNORED_KEYS = frozenset({
     "image_use_transparent_background_ajust", "network_train_text_encoder", "diff_use_fixed_noise",
 })
 SECOND_PASS_KEY = "2nd pass"
+# What Difference's second pass may set differently (the UI's 2nd-pass panel shows these).
+SECOND_PASS_FIELDS = (
+    "network_type", "network_rank", "network_alpha", "network_conv_rank", "network_conv_alpha", "network_element",
+    "network_blocks", "train_iterations", "train_batch_size", "train_learning_rate", "train_optimizer",
+    "train_optimizer_settings", "train_lr_scheduler", "train_lr_scheduler_settings", "train_lr_warmup_steps",
+    "train_lr_scheduler_num_cycles", "train_lr_scheduler_power", "train_lr_step_rules", "train_snr_gamma",
+    "train_loss_function", "train_min_timesteps", "train_max_timesteps", "train_seed", "use_gradient_checkpointing",
+    "train_model_precision", "train_lora_precision", "save_precision", "save_per_steps",
+)
 # What identifies the job stays from pass 1 even when "2nd pass" lists it.
 _PASS1_ONLY = frozenset({
     "mode", "model", "vae", "save_lora_name", "original prompt", "target prompt", "negative prompt",
@@ -128,7 +137,10 @@ class TrainConfig:
     use_2nd_pass_settings: bool = param("bool", False, "Use 2nd pass settings", "Difference pass 2 uses the '2nd pass' settings.", modes=_DIFF)
     original_prompt: str = param("text", "", "Original prompt", "iLECO: the concept to change. Difference: the caption of both images. ADDifT: the caption of the original.", key="original prompt", modes=_PROMPTED)
     target_prompt: str = param("text", "", "Target prompt", "iLECO: what it becomes (empty erases). ADDifT: the caption of the target.", key="target prompt", modes=("iLECO", "ADDifT"))
-    negative_prompt: str = param("text", "", "Negative prompt", "Only used for previews.", key="negative prompt", modes=("iLECO",))
+    negative_prompt: str = param("text", "", "Negative prompt", "Only used for previews and samples.", key="negative prompt", modes=("iLECO",))
+    sample_every_n_steps: int = param("int", 0, "Sample every N steps", "Render the sample prompts with the network applied every N steps (and at the end); 0 turns samples off.", minimum=0, maximum=10_000_000)
+    sample_prompts: str = param("text", "", "Sample prompts", "One prompt per line, rendered at the training size.")
+    sample_steps: int = param("int", 20, "Sample steps", "Denoising steps per sample image.", minimum=1, maximum=150)
     second_pass: dict = dataclasses.field(default_factory=dict, metadata={"second_pass": True})
 
     # ---- schema access -------------------------------------------------
@@ -224,6 +236,9 @@ class TrainConfig:
             raise ConfigError("network_dora", True, f"DoRA works with lierla and c3lier, not {self.network_type}")
         from .kvparse import parse_settings, parse_step_rules
 
+        if self.sample_every_n_steps and not self.sample_prompts.strip():
+            raise ConfigError("sample_prompts", self.sample_prompts,
+                              "is empty; give at least one prompt per line, or set sample_every_n_steps to 0")
         parse_settings(self.train_optimizer_settings, "train_optimizer_settings")
         parse_settings(self.train_lr_scheduler_settings, "train_lr_scheduler_settings")
         if self.train_lr_step_rules:
@@ -246,4 +261,4 @@ class TrainConfig:
 _DEFAULTS: dict[str, Any] = {name: getattr(TrainConfig(), name) for name, _ in TrainConfig.params()}
 
 __all__ = ["TrainConfig", "ConfigError", "MODES", "BLOCK_IDS", "NETWORK_TYPES", "OPTIMIZERS",
-           "SCHEDULERS", "PRECISIONS", "LOSSES", "ELEMENTS", "IGNORED_KEYS", "SECOND_PASS_KEY"]
+           "SCHEDULERS", "PRECISIONS", "LOSSES", "ELEMENTS", "IGNORED_KEYS", "SECOND_PASS_KEY", "SECOND_PASS_FIELDS"]

@@ -25,6 +25,7 @@ class Progress:
     message: str = ""
     pass_index: int = 1
     pass_count: int = 1
+    samples: list[str] = field(default_factory=list)  # the newest sample images of the job
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -192,6 +192,21 @@ class PassRunner:
                     eta_s=per_step * (total - step))
         if self.plan and step in self.plan.intermediate:
             self._save(network, opt, self.plan.intermediate[step], result, final=False)
+        every = self.cfg.sample_every_n_steps
+        if every and (step % every == 0 or step == total):
+            self._sample(step)
+
+    def _sample(self, step: int) -> None:
+        """Render the sample prompts with the network as it is now (samples/ next to the LoRA)."""
+        from .samples import parse_prompts, render_samples, save_samples
+
+        c = self.cfg
+        self.t.emit(message=f"rendering samples at step {step}")
+        images = render_samples(self.bundle, parse_prompts(c.sample_prompts), negative_prompt=c.negative_prompt,
+                                steps=c.sample_steps, size=tuple(c.image_size), seed=self.seed, device=self.t.device)
+        folder = self.t.host.lora_dir() / f"{c.save_lora_name}_samples"
+        paths = save_samples(images, folder, f"{c.save_lora_name}{self.spec.suffix}_{step:06d}steps")
+        self.t.emit(samples=[str(p) for p in paths], message=f"samples at step {step}")
 
     # ---- endings ---------------------------------------------------------
     def _save(self, network, opt, path: Path | None, result: "RunResult", final: bool) -> None:
