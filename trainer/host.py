@@ -6,6 +6,7 @@ imports the WebUI's `modules`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,12 @@ class Host(Protocol):
 
     def lora_dir(self) -> Path: ...
 
+    def list_models(self) -> list[str]:
+        """Model names the UI offers (each one `load_bundle` accepts as cfg.model)."""
+        ...
+
+    def list_vaes(self) -> list[str]: ...
+
     def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle: ...
 
     def encode_fn(self, bundle: ModelBundle) -> Callable[[list[str]], object] | None:
@@ -45,6 +52,27 @@ class Host(Protocol):
     def saved(self, path: Path) -> None:
         """A network file was written (the host may refresh its LoRA list)."""
         ...
+
+
+def model_names(folders: list[Path], *, vae: bool = False) -> list[str]:
+    """Checkpoint files and diffusers folders under `folders`, as paths relative to their folder.
+
+    A diffusers folder (it has model_index.json) is one model; the files inside it are not
+    listed. With `vae`, only files are listed.
+    """
+    names: list[str] = []
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if (here / "model_index.json").is_file() and here != folder:
+                dirnames[:] = []
+                if not vae:
+                    names.append(here.relative_to(folder).as_posix())
+                continue
+            names += [(here / f).relative_to(folder).as_posix() for f in sorted(filenames)
+                      if not f.startswith(".") and Path(f).suffix.lower() in MODEL_EXTENSIONS]
+    return list(dict.fromkeys(names))
 
 
 def find_model(name: str, folders: list[Path], field: str = "model") -> Path:
@@ -82,6 +110,12 @@ class StandaloneHost:
 
     def lora_dir(self) -> Path:
         return self._lora_dir
+
+    def list_models(self) -> list[str]:
+        return model_names(self.model_dirs)
+
+    def list_vaes(self) -> list[str]:
+        return model_names(self.vae_dirs, vae=True)
 
     def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:
         from .models import load_model

@@ -1,0 +1,186 @@
+"""What the UI's buttons do, without gradio: one Controller per app, shared by every tab.
+
+The gradio layer only maps widgets to these calls, so the same logic serves the
+standalone app, the WebUI tab and the tests.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import TrainConfig
+from ..engine import Trainer
+from ..events import Listener, Progress, StopFlag
+from ..fsutil import unique_path
+from ..jobqueue import JobQueue
+from ..params import ConfigError
+from ..paths import cache_dir, jsons_dir, logs_dir, presets_dir
+from ..presets import list_presets, load_preset, read_json, save_preset
+from . import form
+
+log = logging.getLogger(__name__)
+
+QUEUE_HEADERS = ["#", "id", "name", "mode", "state", "progress", "message"]
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
+
+
+def describe(p: Progress) -> str:
+    """One status line: mode, job, pass, step/total, raw and smoothed loss, speed, ETA, message."""
+    parts = [f"{p.phase}", f"{p.mode} · {p.name}"]
+    if p.pass_count > 1:
+        parts.append(f"pass {p.pass_index}/{p.pass_count}")
+    if p.total:
+        parts.append(f"step {p.step}/{p.total}")
+    if p.loss is not None:
+        parts.append(f"loss {p.loss:.5g} (smoothed {p.loss_ema:.5g})")
+    if p.it_per_s:
+        parts.append(f"{p.it_per_s:.2f} it/s, ETA {_eta(p.eta_s)}")
+    if p.message:
+        parts.append(p.message)
+    return " | ".join(parts)
+
+
+class Controller:
+    """The queue, the host and the folders behind the Train, Queue and Plot tabs."""
+
+    def __init__(self, host, queue_file: Path | None = None, *, fallbacks: Mapping[str, str] | None = None,
+                 device: str | None = None, listeners: list[Listener] | tuple = (), uploads: Path | None = None):
+        self.host = host
+        self.device = device
+        self.fallbacks = dict(fallbacks or {})
+        self.uploads = uploads or cache_dir() / "uploads"
+        self._samples: list[str] = []
+        self.listeners = [self._note_samples, *listeners]
+        self.queue = JobQueue(queue_file or cache_dir() / "queue.json", self._run)
+
+    def _note_samples(self, p: Progress) -> None:
+        if p.samples:
+            self._samples = list(p.samples)
+
+    def _run(self, cfg: TrainConfig, stop: StopFlag, listener: Listener):
+        return Trainer(cfg, self.host, device=self.device, stop=stop, listeners=[listener, *self.listeners]).run()
+
+    # ---- the form -------------------------------------------------------------------
+    def config(self, values: Mapping[str, Any], second: Mapping[str, Any] | None = None) -> TrainConfig:
+        """A validated config from the form; uploaded images get a stable copy first."""
+        values = dict(values)
+        for field in form.IMAGE_FIELDS:
+            values[field] = form.persist_upload(values.get(field), self.uploads, field)
+        return form.config_from(values, second, self.fallbacks).validate()
+
+    # ---- jobs -------------------------------------------------------------------------
+    def start(self, cfg: TrainConfig) -> str:
+        """Queue the job and start the worker; returns at once."""
+        job = self.queue.add(cfg)
+        self.queue.start()
+        ahead = sum(1 for row in self.queue.snapshot() if row["state"] in ("queued", "running")) - 1
+        return f"queued {job.name}" + (f" ({ahead} ahead)" if ahead > 0 else "") + "; training starts in turn"
+
+    def add(self, cfg: TrainConfig) -> str:
+        job = self.queue.add(cfg)
+        return f"added {job.name} to the queue (press Start to run it)"
+
+    def stop(self, save: bool) -> str:
+        if not self.queue.stop(save):
+            return "nothing is training"
+        return "stopping and saving what it has" if save else "stopping without saving"
+
+    def status(self) -> str:
+        p = self.queue.current()
+        if p is not None:
+            return describe(p)
+        rows = self.queue.snapshot()
+        waiting = sum(1 for r in rows if r["state"] == "queued")
+        last = next((r for r in reversed(rows) if r["state"] not in ("queued", "running")), None)
+        text = "idle" + (f", {waiting} queued (press Start)" if waiting else "")
+        if last is not None:
+            text += f" | last: {last['name']} {last['state']}: {last['message']}"
+        return text
+
+    def queue_rows(self) -> list[list[Any]]:
+        rows = []
+        for i, r in enumerate(self.queue.snapshot(), start=1):
+            progress = f"{r.get('step') or 0}/{r.get('total') or '?'}" if r["state"] == "running" else ""
+            rows.append([i, r["id"], r["name"], r["mode"], r["state"], progress, r["message"]])
+        return rows
+
+    def job_choices(self) -> list[str]:
+        return [f"{r['id']} {r['name']} ({r['state']})" for r in self.queue.snapshot()]
+
+    @staticmethod
+    def job_id(choice: str | None) -> str:
+        if not choice:
+            raise ConfigError("job", choice, "choose a job in the list first")
+        return choice.split(" ", 1)[0]
+
+    # ---- presets and settings files --------------------------------------------------------
+    def presets(self) -> list[str]:
+        return list_presets(presets_dir())
+
+    def load_preset(self, name: str) -> tuple[TrainConfig, list[str]]:
+        warnings: list[str] = []
+        return load_preset(name, presets_dir(), warnings=warnings), warnings
+
+    def save_preset(self, name: str, cfg: TrainConfig, overwrite: bool = False) -> Path:
+        return save_preset(cfg, name, presets_dir(), overwrite=overwrite)
+
+    def settings_files(self) -> list[str]:
+        base = jsons_dir()
+        if not base.is_dir():
+            return []
+        return sorted((p.relative_to(base).as_posix() for p in base.rglob("*.json")), reverse=True)
+
+    def load_settings(self, name: str) -> TrainConfig:
+        """A run's settings JSON by its name inside the jsons folder (nothing outside it)."""
+        from ..fsutil import inside
+
+        text = (name or "").strip()
+        path = (jsons_dir() / text).resolve()
+        if not text or ".." in Path(text).parts or Path(text).is_absolute() or not inside(jsons_dir(), path):
+            raise ConfigError("settings", name, "give a settings file name from the list (inside jsons/)")
+        data = read_json(path, field="settings")
+        if not isinstance(data, dict):
+            raise ConfigError("settings", name, "is not an object of settings")
+        return TrainConfig.from_dict(data)
+
+    # ---- plots and samples ----------------------------------------------------------------
+    def current_log(self) -> str | None:
+        """The running job's log, else the most recent one, as a name inside logs/."""
+        from ..plot import log_names
+
+        names = log_names(logs_dir())
+        return names[0] if names else None
+
+    def save_plot(self, name: str) -> Path:
+        from ..plot import loss_figure, resolve_log, save_png
+
+        path = resolve_log(name, logs_dir())
+        return save_png(loss_figure(path), unique_path(path.with_suffix(".png")))
+
+    def samples(self) -> list[str]:
+        """The newest sample images of the running (or last) job."""
+        return [p for p in self._samples if Path(p).is_file()]
+
+    def preview(self, cfg: TrainConfig, which: str) -> list:
+        """iLECO's "Generate original/target": the base model on one prompt, at the training size."""
+        from ..devices import compute_dtype, pick_device
+        from ..samples import render_samples
+
+        if self.queue.running:
+            raise ConfigError("preview", which, "a job is training; previews run when the queue is idle")
+        prompt = cfg.original_prompt if which == "original" else cfg.target_prompt
+        device = pick_device(self.device)
+        with self.host.session():
+            bundle = self.host.load_bundle(cfg, dtype=compute_dtype(cfg.train_model_precision, device), device=device)
+            return render_samples(bundle, [prompt], negative_prompt=cfg.negative_prompt, steps=cfg.sample_steps,
+                                  size=tuple(cfg.image_size), seed=max(cfg.train_seed, 0), device=device)
+
+    def close(self) -> None:
+        self.queue.close(timeout=5.0)

@@ -1,0 +1,94 @@
+"""The Train tab's form as data: widget values by field name <-> TrainConfig.
+
+No gradio here, so the conversions are tested in every profile. Widgets hold what a
+preset file holds (numbers as text, "" for "use the default"), and every value goes
+back through the schema's own coercion, so a bad entry is refused with the field's
+preset key and the value, exactly as from a preset or the CLI.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import SECOND_PASS_FIELDS, SECOND_PASS_KEY, TrainConfig
+from ..params import ConfigError, Param
+
+FORM_FIELDS: tuple[str, ...] = tuple(name for name, _ in TrainConfig.params())
+PARAMS: dict[str, Param] = dict(TrainConfig.params())
+IMAGE_FIELDS = ("diff_original_image", "diff_target_image")
+PROMPT_FIELDS = ("original_prompt", "target_prompt", "negative_prompt")
+HEADER_FIELDS = ("mode", "model", "vae")  # the row above the groups
+SPECIAL = frozenset(HEADER_FIELDS + IMAGE_FIELDS + PROMPT_FIELDS)
+
+
+def widget_value(p: Param, value: Any) -> Any:
+    """What the widget of `p` shows for `value` (numbers as text, like a preset)."""
+    if p.kind in ("int", "float"):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if p.kind == "optfloat":
+        return "" if value is None else f"{value:g}"
+    if p.kind == "size":
+        h, w = value
+        return str(h) if h == w else f"{h},{w}"
+    if p.kind == "blocks":
+        return list(value)
+    return value
+
+
+def form_values(cfg: TrainConfig) -> dict[str, Any]:
+    return {name: widget_value(PARAMS[name], getattr(cfg, name)) for name in FORM_FIELDS}
+
+
+def second_values(cfg: TrainConfig) -> dict[str, Any]:
+    """The 2nd-pass panel: the preset's "2nd pass" values where it has them, else pass 1's."""
+    second = cfg.with_overrides(cfg.second_pass) if cfg.second_pass else cfg
+    return {name: widget_value(PARAMS[name], getattr(second, name)) for name in SECOND_PASS_FIELDS}
+
+
+def _clean(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def config_from(values: Mapping[str, Any], second: Mapping[str, Any] | None = None,
+                fallbacks: Mapping[str, str] | None = None) -> TrainConfig:
+    """A config from form values; empty fields in `fallbacks` take its value (e.g. the demo's data)."""
+    data = {name: _clean(values[name]) for name in FORM_FIELDS if name in values}
+    for name, value in (fallbacks or {}).items():
+        if not str(data.get(name, "")).strip():
+            data[name] = value
+    cfg = TrainConfig.from_dict({PARAMS[name].key: value for name, value in data.items()})
+    if second and cfg.mode == "Difference":
+        pass2 = {PARAMS[name].key: _clean(value) for name, value in second.items() if name in SECOND_PASS_FIELDS}
+        cfg = cfg.with_overrides({SECOND_PASS_KEY: pass2})
+    return cfg
+
+
+def persist_upload(path: str | None, folder: Path, field: str) -> str:
+    """A stable copy of an uploaded image (gradio's temp files do not outlive the session).
+
+    Queued jobs keep the copy's path, so they still run after a restart. The copy is
+    named by content hash, so the same image is stored once.
+    """
+    if not path:
+        return ""
+    src = Path(path)
+    if not src.is_file():
+        raise ConfigError(field, path, "the uploaded image is gone; upload it again")
+    folder = folder.resolve()
+    if src.resolve().parent == folder:
+        return str(src.resolve())
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:20]
+    dest = folder / f"{digest}{src.suffix.lower() or '.png'}"
+    if not dest.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    return str(dest)
+
+
+def visible_fields(mode: str) -> set[str]:
+    """The fields shown for `mode` (the schema's `modes` decide)."""
+    return {name for name, p in PARAMS.items() if mode in p.modes}

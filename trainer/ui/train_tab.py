@@ -1,0 +1,180 @@
+"""The Train tab: mode, model, presets, every setting from the schema, and the job buttons."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import gradio as gr
+
+from ..config import MODES, SECOND_PASS_FIELDS, TrainConfig
+from ..params import ConfigError
+from . import form, widgets
+from .compat import image_input, make, on
+from .controller import Controller
+
+log = logging.getLogger(__name__)
+ERRORS = (ConfigError, FileExistsError, OSError, ValueError)
+_REQUIRED = [n for n in form.FORM_FIELDS if form.PARAMS[n].section == "required" and n not in form.SPECIAL]
+_OPTIONAL = [n for n in form.FORM_FIELDS if form.PARAMS[n].section != "required" and n not in form.SPECIAL]
+
+
+def guarded(fn: Callable[..., Any], n_outputs: int) -> Callable[..., Any]:
+    """Run a handler; a refused input becomes the message (last output), other outputs unchanged."""
+    def run(*args):
+        try:
+            return fn(*args)
+        except ERRORS as exc:
+            log.info("refused: %s", exc)
+            skip = [gr.update()] * (n_outputs - 1)
+            return (*skip, f"error: {exc}") if n_outputs > 1 else f"error: {exc}"
+    return run
+
+
+class TrainTab:
+    def __init__(self, ctl: Controller, initial: TrainConfig):
+        self.ctl = ctl
+        values, shown = form.form_values(initial), form.visible_fields(initial.mode)
+        p = form.PARAMS
+        with gr.Row():
+            self.mode = make(gr.Radio, choices=list(MODES), value=initial.mode, label="Mode", elem_id="traindeck-mode")
+        with gr.Row():
+            self.model = make(gr.Dropdown, choices=ctl.host.list_models(), value=values["model"] or None,
+                              label=p["model"].label, info=p["model"].help, allow_custom_value=True,
+                              elem_id="traindeck-model", scale=4)
+            self.vae = make(gr.Dropdown, choices=["", *ctl.host.list_vaes()], value=values["vae"],
+                            label=p["vae"].label, allow_custom_value=True, elem_id="traindeck-vae", scale=2)
+            self.refresh_models = make(gr.Button, value="Refresh models", elem_id="traindeck-refresh-models", scale=1)
+        self._preset_row()
+        with gr.Group():
+            self.fields = widgets.build(_REQUIRED, p, values, visible=shown)
+        with make(gr.Group, visible=bool(shown & set(form.PROMPT_FIELDS))) as self.prompt_group:
+            self.fields.update(widgets.build(list(form.PROMPT_FIELDS), p, values, visible=shown))
+            with gr.Row():
+                self.preview_orig = make(gr.Button, value="Generate original", elem_id="traindeck-preview-original")
+                self.preview_targ = make(gr.Button, value="Generate target", elem_id="traindeck-preview-target")
+        with make(gr.Row, visible=bool(shown & set(form.IMAGE_FIELDS))) as self.image_row:
+            for name in form.IMAGE_FIELDS:
+                self.fields[name] = image_input(p[name].label, f"traindeck-{name}".replace("_", "-"))
+        with make(gr.Accordion, label="Optional settings", open=False):
+            self.fields.update(widgets.build(_OPTIONAL, p, values, visible=shown))
+        with make(gr.Accordion, label="2nd pass (Difference)", open=False, visible=initial.mode == "Difference") as self.second_box:
+            self.copy_first = make(gr.Button, value="Copy settings from 1st pass", elem_id="traindeck-copy-first")
+            self.second = widgets.build(list(SECOND_PASS_FIELDS), p, form.second_values(initial), prefix="2nd-")
+        self.fields.update(mode=self.mode, model=self.model, vae=self.vae)
+        self._buttons()
+
+    def _preset_row(self) -> None:
+        with gr.Row():
+            self.preset = make(gr.Dropdown, choices=self.ctl.presets(), value=None, label="Preset",
+                               elem_id="traindeck-preset", allow_custom_value=True, scale=3)
+            self.load_preset_btn = make(gr.Button, value="Load preset", elem_id="traindeck-load-preset", scale=1)
+            self.save_preset_btn = make(gr.Button, value="Save preset", elem_id="traindeck-save-preset", scale=1)
+            self.refresh_presets = make(gr.Button, value="Refresh", elem_id="traindeck-refresh-presets", scale=1)
+            self.settings = make(gr.Dropdown, choices=self.ctl.settings_files(), value=None, label="Settings JSON",
+                                 allow_custom_value=True, elem_id="traindeck-settings", scale=3)
+            self.load_settings_btn = make(gr.Button, value="Load JSON", elem_id="traindeck-load-settings", scale=1)
+
+    def _buttons(self) -> None:
+        with gr.Row():
+            self.start = make(gr.Button, value="Start Training", variant="primary", elem_id="traindeck-start")
+            self.stop = make(gr.Button, value="Stop", elem_id="traindeck-stop")
+            self.stop_save = make(gr.Button, value="Stop and Save", elem_id="traindeck-stop-save")
+            self.enqueue = make(gr.Button, value="Add to Queue", elem_id="traindeck-add")
+        self.message = make(gr.Textbox, label="Message", interactive=False, elem_id="traindeck-message")
+        self.status = make(gr.Textbox, label="Status", interactive=False, value=self.ctl.status(),
+                           elem_id="traindeck-status")
+        self.gallery = make(gr.Gallery, label="Samples", columns=4, height=260, elem_id="traindeck-samples")
+
+    # ---- values <-> widgets -------------------------------------------------------------
+    @property
+    def inputs(self) -> list:
+        return [self.fields[n] for n in form.FORM_FIELDS] + [self.second[n] for n in SECOND_PASS_FIELDS]
+
+    @property
+    def outputs(self) -> list:
+        return self.inputs
+
+    def read(self, args: tuple) -> TrainConfig:
+        n = len(form.FORM_FIELDS)
+        values = dict(zip(form.FORM_FIELDS, args[:n]))
+        second = dict(zip(SECOND_PASS_FIELDS, args[n:n + len(SECOND_PASS_FIELDS)]))
+        return self.ctl.config(values, second)
+
+    def show(self, cfg: TrainConfig, keep_model: bool = True) -> list:
+        """Updates that put `cfg` into every widget (an empty model/VAE keeps the current pick)."""
+        values, second = form.form_values(cfg), form.second_values(cfg)
+        out = []
+        for name in form.FORM_FIELDS:
+            value = values[name]
+            if keep_model and name in ("model", "vae") and not value:
+                out.append(gr.update())
+            elif name in form.IMAGE_FIELDS:
+                out.append(gr.update(value=value or None))
+            else:
+                out.append(gr.update(value=value))
+        return out + [gr.update(value=second[n]) for n in SECOND_PASS_FIELDS]
+
+    # ---- events ---------------------------------------------------------------------------
+    @property
+    def mode_outputs(self) -> list:
+        fields = [self.fields[n] for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
+        return fields + [self.prompt_group, self.image_row, self.second_box]
+
+    def on_mode(self, mode: str) -> list:
+        shown = form.visible_fields(mode)
+        ups = [gr.update(visible=n in shown) for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
+        return ups + [gr.update(visible=bool(shown & set(form.PROMPT_FIELDS))),
+                      gr.update(visible=bool(shown & set(form.IMAGE_FIELDS))),
+                      gr.update(visible=mode == "Difference")]
+
+    def on_load_preset(self, name: str) -> list:
+        cfg, warnings = self.ctl.load_preset(name)
+        note = f"loaded preset {name}" + (f" ({'; '.join(warnings)})" if warnings else "")
+        return [*self.show(cfg), note]
+
+    def on_load_settings(self, name: str) -> list:
+        return [*self.show(self.ctl.load_settings(name)), f"loaded settings {name}"]
+
+    def on_save_preset(self, name: str, *args) -> list:
+        cfg = form.config_from(dict(zip(form.FORM_FIELDS, args)), dict(zip(SECOND_PASS_FIELDS, args[len(form.FORM_FIELDS):])))
+        path = self.ctl.save_preset((name or "").strip(), cfg)
+        return [gr.update(choices=self.ctl.presets(), value=path.stem), f"saved preset {path}"]
+
+    def on_refresh(self) -> list:
+        return [gr.update(choices=self.ctl.presets()), gr.update(choices=self.ctl.settings_files())]
+
+    def on_refresh_models(self) -> list:
+        return [gr.update(choices=self.ctl.host.list_models()), gr.update(choices=["", *self.ctl.host.list_vaes()])]
+
+    def on_copy_first(self, *values) -> list:
+        return [gr.update(value=v) for v in values]
+
+    def on_preview(self, which: str) -> Callable[..., list]:
+        def run(*args) -> list:
+            values = dict(zip(form.FORM_FIELDS, args))
+            cfg = form.config_from(values, None, self.ctl.fallbacks)
+            images = self.ctl.preview(cfg, which)
+            return [images, f"generated the {which} prompt with the base model"]
+        return run
+
+    def wire(self) -> None:
+        msg, n_form = self.message, len(self.outputs) + 1
+        on(self.mode.change, self.on_mode, [self.mode], self.mode_outputs, "traindeck_mode")
+        on(self.start.click, guarded(lambda *a: self.ctl.start(self.read(a)), 1), self.inputs, [msg], "traindeck_start")
+        on(self.enqueue.click, guarded(lambda *a: self.ctl.add(self.read(a)), 1), self.inputs, [msg], "traindeck_add")
+        on(self.stop.click, lambda: self.ctl.stop(False), None, [msg], "traindeck_stop")
+        on(self.stop_save.click, lambda: self.ctl.stop(True), None, [msg], "traindeck_stop_save")
+        on(self.load_preset_btn.click, guarded(self.on_load_preset, n_form), [self.preset], [*self.outputs, msg],
+           "traindeck_load_preset")
+        on(self.load_settings_btn.click, guarded(self.on_load_settings, n_form), [self.settings],
+           [*self.outputs, msg], "traindeck_load_settings")
+        on(self.save_preset_btn.click, guarded(self.on_save_preset, 2), [self.preset, *self.inputs],
+           [self.preset, msg], "traindeck_save_preset")
+        on(self.refresh_presets.click, self.on_refresh, None, [self.preset, self.settings], "traindeck_refresh_presets")
+        on(self.refresh_models.click, self.on_refresh_models, None, [self.model, self.vae], "traindeck_refresh_models")
+        first = [self.fields[n] for n in SECOND_PASS_FIELDS]
+        on(self.copy_first.click, self.on_copy_first, first, [self.second[n] for n in SECOND_PASS_FIELDS],
+           "traindeck_copy_first")
+        for button, which in ((self.preview_orig, "original"), (self.preview_targ, "target")):
+            on(button.click, guarded(self.on_preview(which), 2), self.inputs[:len(form.FORM_FIELDS)],
+               [self.gallery, msg], f"traindeck_preview_{which}")

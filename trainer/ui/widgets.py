@@ -1,0 +1,37 @@
+"""Widgets generated from the schema: one per setting, by its kind, label, help and choices."""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from ..config import BLOCK_IDS
+from ..params import Param
+from .compat import make
+
+
+def component(name: str, p: Param, value: Any, *, prefix: str = "", visible: bool = True):
+    """The widget for one setting; elem_id is 'traindeck-<prefix><name>' (browser tests find it)."""
+    elem_id = f"traindeck-{prefix}{name}".replace("_", "-")
+    common = dict(label=p.label, info=p.help, visible=visible, elem_id=elem_id)
+    if p.kind == "bool":
+        return make(gr.Checkbox, value=bool(value), **common)
+    if p.kind == "choice":
+        return make(gr.Dropdown, choices=list(p.choices), value=value, **common)
+    if p.kind == "blocks":
+        return make(gr.CheckboxGroup, choices=list(BLOCK_IDS), value=list(value), **common)
+    if p.kind == "text":
+        return make(gr.Textbox, value=value, lines=2, max_lines=8, **common)
+    return make(gr.Textbox, value=value, lines=1, max_lines=1, **common)
+
+
+def build(names: list[str], params: dict[str, Param], values: dict[str, Any], *, prefix: str = "",
+          visible: set[str] | None = None) -> dict[str, Any]:
+    """Widgets for `names` in order, laid out two to a row; returns {name: component}."""
+    out: dict[str, Any] = {}
+    for start in range(0, len(names), 2):
+        with gr.Row():
+            for name in names[start:start + 2]:
+                shown = visible is None or name in visible
+                out[name] = component(name, params[name], values[name], prefix=prefix, visible=shown)
+    return out
