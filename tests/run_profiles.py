@@ -41,12 +41,13 @@ class Profile:
     name: str
     select: tuple[str, ...]  # pytest marker selection
     forbid: tuple[str, ...]  # distributions that must not be installed
+    ui: bool = True  # has gradio: also gets the browser-test tools and chromium
 
 
 PROFILES = {
     "a1111": Profile("a1111", ("-m", "not needs_peft"), ("peft",)),
     "forge": Profile("forge", (), ()),
-    "latest": Profile("latest", ("-m", "not ui"), ()),
+    "latest": Profile("latest", ("-m", "not ui"), (), ui=False),
 }
 
 
@@ -71,10 +72,14 @@ def venvs_dir() -> Path:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "traindeck" / "venvs"
 
 
+def test_requirements(profile: Profile) -> list[Path]:
+    return [REQ / "test.txt", *([REQ / "test-ui.txt"] if profile.ui else [])]
+
+
 def fingerprint(profile: Profile) -> str:
     """A short hash of everything that decides the venv's content."""
     digest = hashlib.sha256(f"{SETUP_REVISION}|{sys.version}|{sys.platform}".encode())
-    for path in (REQ / f"profile-{profile.name}.txt", TORCH_CONSTRAINTS, REQ / "test.txt", ROOT / "install.py"):
+    for path in (REQ / f"profile-{profile.name}.txt", TORCH_CONSTRAINTS, *test_requirements(profile), ROOT / "install.py"):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:10]
 
@@ -144,7 +149,8 @@ def build(profile: Profile, venv: Path) -> None:
     print("  install.py:", flush=True)
     run_install_py(python)
     frozen = write_freeze(freeze(python), venv / "before-tests-freeze.txt")
-    run_logged([*pip, "-c", str(frozen), "-r", str(REQ / "test.txt")], log)
+    for req in test_requirements(profile):
+        run_logged([*pip, "-c", str(frozen), "-r", str(req)], log)
 
 
 def check_pins(profile: Profile, venv: Path) -> None:
@@ -213,6 +219,24 @@ def run_pytest(profile: Profile, venv: Path, extra: list[str], result: Result) -
     result.ok = code == 0 and result.passed > 0
 
 
+def ensure_chromium() -> None:
+    """The browser test drives Debian's chromium; install it with apt when it is missing."""
+    if any(shutil.which(name) for name in ("chromium", "chromium-browser")):
+        return
+    apt = shutil.which("apt-get")
+    if apt is None:
+        print("  chromium is missing and there is no apt-get: the browser test will fail", flush=True)
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    print("  installing chromium with apt-get (for the browser test)", flush=True)
+    env = {**child_env(), "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in ([*sudo, apt, "update", "-qq"], [*sudo, apt, "install", "-y", "-qq", "chromium"]):
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"  {' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-500:]}", flush=True)
+            return
+
+
 def run_profile(profile: Profile, extra: list[str]) -> Result:
     print(f"\n=== profile {profile.name}", flush=True)
     result, start = Result(profile.name, ok=False), time.monotonic()
@@ -222,6 +246,8 @@ def run_profile(profile: Profile, extra: list[str]) -> Result:
         result.setup_s, result.note = time.monotonic() - start, "setup failed"
         print(f"  setup failed: {exc}", flush=True)
         return result
+    if profile.ui:
+        ensure_chromium()
     result.setup_s = time.monotonic() - start
     run_pytest(profile, venv, extra, result)
     return result

@@ -1,0 +1,154 @@
+"""The Gradio UI in the host's gradio (3.41 in the a1111 profile, 4.40 in forge), driven through
+the Blocks' own handler functions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.config import SECOND_PASS_FIELDS
+from trainer.ui import form
+from trainer.ui.controller import Controller
+
+from tests.modekit import write_pair
+from tests.uikit import handler, make_app, values, wait_idle
+
+pytestmark = pytest.mark.ui
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture()
+def app(tmp_path, monkeypatch, demo_root):
+    built = make_app(tmp_path, monkeypatch, demo_root)
+    yield built
+    built.ctl.close()
+
+
+def test_every_setting_has_a_widget_from_the_schema(app):
+    assert set(app.train.fields) == set(form.FORM_FIELDS)
+    assert set(app.train.second) == set(SECOND_PASS_FIELDS)
+    for name in form.FORM_FIELDS:
+        if name not in form.IMAGE_FIELDS and name != "mode":
+            assert app.train.fields[name].label == form.PARAMS[name].label
+    assert app.train.fields["network_blocks"].choices and app.train.fields["train_optimizer"].choices
+
+
+def test_mode_switch_shows_what_the_schema_says(app):
+    on_mode = handler(app.blocks, "traindeck_mode")
+    names = [n for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
+    for mode in ("LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT"):
+        ups = on_mode(mode)
+        shown = {n for n, u in zip(names, ups) if u["visible"]}
+        assert shown == form.visible_fields(mode) - set(form.HEADER_FIELDS)
+        prompts, images, second = (u["visible"] for u in ups[len(names):])
+        assert prompts == (mode in ("iLECO", "Difference", "ADDifT"))
+        assert images == (mode in ("Difference", "ADDifT")) and second == (mode == "Difference")
+
+
+def test_start_trains_through_the_queue_and_the_plot_shows_it(app, tmp_path):
+    message = handler(app.blocks, "traindeck_start")(*values(app, save_lora_name="ui-job"))
+    assert message.startswith("queued ui-job"), message
+    status = wait_idle(app)
+    assert "ui-job done" in status and (tmp_path / "out" / "ui-job.safetensors").is_file()
+    log_update, figure, note = handler(app.blocks, "traindeck_plot_refresh")(None)
+    assert figure is not None and note == "" and log_update["value"].endswith(".csv")
+    saved, note = handler(app.blocks, "traindeck_plot_save")(log_update["value"])
+    assert saved.endswith(".png") and (tmp_path / "logs" / log_update["value"]).with_suffix(".png").is_file()
+
+
+def test_a_bad_value_is_refused_naming_the_field(app):
+    message = handler(app.blocks, "traindeck_start")(*values(app, train_batch_size="abc"))
+    assert message == "error: train_batch_size: expected a number (got 'abc')"
+    assert app.ctl.queue.snapshot() == []
+
+
+def test_presets_load_and_save(app, tmp_path):
+    outputs = handler(app.blocks, "traindeck_load_preset")("iLECO")
+    by_name = dict(zip([*form.FORM_FIELDS, *(f"2nd_{n}" for n in SECOND_PASS_FIELDS)], outputs[:-1]))
+    assert outputs[-1] == "loaded preset iLECO"
+    assert by_name["mode"]["value"] == "iLECO" and by_name["train_iterations"]["value"] == "300"
+    assert "value" not in by_name["model"]  # the preset's empty model keeps the model picked
+    save = handler(app.blocks, "traindeck_save_preset")
+    update, note = save("mine", *values(app, network_rank="7"))
+    assert note.startswith("saved preset") and json.loads((tmp_path / "presets" / "mine.json").read_text())["network_rank"] == 7
+    assert "mine" in update["choices"]
+    _, note = save("mine", *values(app))
+    assert note.startswith("error: preset") and "already exists" in note
+
+
+def test_settings_json_loads_only_from_its_folder(app, tmp_path):
+    (tmp_path / "jsons" / "20260101").mkdir(parents=True)
+    (tmp_path / "jsons" / "20260101" / "run.json").write_text(json.dumps({"mode": "ADDifT", "network_rank": "3"}))
+    load = handler(app.blocks, "traindeck_load_settings")
+    outputs = load("20260101/run.json")
+    assert outputs[-1] == "loaded settings 20260101/run.json" and outputs[0]["value"] == "ADDifT"
+    assert load("../queue.json")[-1].startswith("error: settings")
+
+
+def test_queue_tab_deletes_and_reorders(app):
+    add = handler(app.blocks, "traindeck_add")
+    for name in ("a", "b", "c"):
+        assert add(*values(app, save_lora_name=name)).startswith(f"added {name}")
+    assert add(*values(app, save_lora_name="a")) == "error: save_lora_name: is already queued or running (got 'a')"
+    choices = app.ctl.job_choices()
+    table, job, note = handler(app.blocks, "traindeck_queue_delete")(choices[0])
+    assert [r[2] for r in table["value"]] == ["b", "c"]
+    table, job, note = handler(app.blocks, "traindeck_queue_up")(choices[2])
+    assert [r[2] for r in table["value"]] == ["c", "b"] and job["value"] == choices[2].replace("queued", "queued")
+    table, _, note = handler(app.blocks, "traindeck_queue_delete")(None)
+    assert note == "error: job: choose a job in the list first (got None)"
+    table, _, note = handler(app.blocks, "traindeck_queue_clear")(None)
+    assert note == "cleared 2 jobs" and app.ctl.queue.snapshot() == []
+
+
+def test_queued_jobs_survive_a_restart_and_wait_for_start(app, tmp_path):
+    handler(app.blocks, "traindeck_add")(*values(app, save_lora_name="later"))
+    app.ctl.close()
+    again = Controller(app.ctl.host, tmp_path / "queue.json", fallbacks=app.ctl.fallbacks, device="cpu")
+    try:
+        assert [(r["name"], r["state"]) for r in again.queue.snapshot()] == [("later", "queued")]
+        assert not again.queue.running and "1 queued (press Start)" in again.status()
+    finally:
+        again.close()
+
+
+def test_uploaded_images_are_kept_for_queued_jobs(app, tmp_path):
+    orig, targ = write_pair(tmp_path / "upload")
+    add = handler(app.blocks, "traindeck_add")
+    note = add(*values(app, mode="ADDifT", save_lora_name="pair", diff_original_image=str(orig),
+                       diff_target_image=str(targ)))
+    assert note.startswith("added pair"), note
+    orig.unlink()
+    targ.unlink()  # gradio's temp files go away; the queued job keeps its own copies
+    settings = app.ctl.queue.snapshot()[0]
+    job = app.ctl.queue.get(settings["id"]).config()
+    assert job.diff_original_image.startswith(str(tmp_path / "uploads"))
+    assert handler(app.blocks, "traindeck_queue_start")(None)[2] == "started"
+    assert "pair done" in wait_idle(app)
+
+
+def test_samples_appear_in_the_gallery(app, tmp_path):
+    start = handler(app.blocks, "traindeck_start")
+    assert start(*values(app, save_lora_name="s", sample_every_n_steps="2", sample_prompts="a red circle\na blue square",
+                         sample_steps="2")).startswith("queued s")
+    wait_idle(app)
+    files = sorted(p.name for p in (tmp_path / "out" / "s_samples").glob("*.png"))
+    assert files == ["s_000002steps_0.png", "s_000002steps_1.png", "s_000003steps_0.png", "s_000003steps_1.png"]
+    status, gallery = app.poll_status()
+    assert [p.rsplit("/", 1)[-1] for p in gallery["value"]] == ["s_000003steps_0.png", "s_000003steps_1.png"]
+
+
+def test_preview_buttons_render_the_prompts(app):
+    images, note = handler(app.blocks, "traindeck_preview_original")(
+        *values(app, mode="iLECO", original_prompt="a cat", sample_steps="2")[:len(form.FORM_FIELDS)])
+    assert len(images) == 1 and images[0].size == (64, 64) and "original" in note
+
+
+def test_copy_settings_from_the_first_pass(app):
+    copy = handler(app.blocks, "traindeck_copy_first")
+    first = [app.train.fields[n].value for n in SECOND_PASS_FIELDS]
+    assert [u["value"] for u in copy(*first)] == first
