@@ -70,6 +70,11 @@ def pick(page, elem_id: str, text: str) -> None:
     page.locator(f"#{elem_id} li", has_text=text).first.click()
 
 
+def tab(page, name: str) -> None:
+    """Open a tab: 4.x marks tab buttons role=tab, 3.x puts plain buttons in .tab-nav."""
+    page.locator(".tab-nav button, button[role=tab]", has_text=name).first.click()
+
+
 def status(page, elem_id: str = "traindeck-status") -> str:
     return field(page, elem_id).input_value()
 
@@ -103,17 +108,20 @@ def test_demo_trains_plots_and_queues_in_a_browser(server):
         wait_text(page, "traindeck-message", "queued browser", 30)
         wait_text(page, "traindeck-status", "browser done", 300)
         assert (tmp / "out" / "browser.safetensors").is_file()
+        page.screenshot(path=str(ARTIFACTS / "ui-train.png"), full_page=True)
 
-        page.get_by_role("tab", name="Plot").click()
+        tab(page, "Plot")
         page.locator("#traindeck-plot-refresh").click()
+        wait_text(page, "traindeck-plot-message", ": 20 steps", 30)  # the finished log, drawn
         page.locator("#traindeck-plot img").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "ui-plot.png"), full_page=True)
 
-        page.get_by_role("tab", name="Train").click()
+        tab(page, "Train")
         for name in ("first", "second"):
             field(page, "traindeck-save-lora-name").fill(name)
             page.locator("#traindeck-add").click()
             wait_text(page, "traindeck-message", f"added {name}", 30)
-        page.get_by_role("tab", name="Queue").click()
+        tab(page, "Queue")
         page.locator("#traindeck-queue-refresh").click()
         table = page.locator("#traindeck-queue-table")
         table.get_by_text("second").first.wait_for(timeout=30_000)

@@ -55,7 +55,7 @@ def test_start_trains_through_the_queue_and_the_plot_shows_it(app, tmp_path):
     status = wait_idle(app)
     assert "ui-job done" in status and (tmp_path / "out" / "ui-job.safetensors").is_file()
     log_update, figure, note = handler(app.blocks, "traindeck_plot_refresh")(None)
-    assert figure is not None and note == "" and log_update["value"].endswith(".csv")
+    assert figure is not None and note.endswith(": 3 steps") and log_update["value"].endswith(".csv")
     saved, note = handler(app.blocks, "traindeck_plot_save")(log_update["value"])
     assert saved.endswith(".png") and (tmp_path / "logs" / log_update["value"]).with_suffix(".png").is_file()
 
@@ -152,3 +152,20 @@ def test_copy_settings_from_the_first_pass(app):
     copy = handler(app.blocks, "traindeck_copy_first")
     first = [app.train.fields[n].value for n in SECOND_PASS_FIELDS]
     assert [u["value"] for u in copy(*first)] == first
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_stop_buttons_stop_the_running_job(app, tmp_path, save):
+    import time
+
+    start = handler(app.blocks, "traindeck_start")
+    assert start(*values(app, save_lora_name="long", train_iterations="100000")).startswith("queued long")
+    end = time.monotonic() + 60
+    while (app.ctl.queue.current() is None or app.ctl.queue.current().step < 2) and time.monotonic() < end:
+        time.sleep(0.05)
+    note = handler(app.blocks, "traindeck_stop_save" if save else "traindeck_stop")()
+    assert note == ("stopping and saving what it has" if save else "stopping without saving")
+    status = wait_idle(app)
+    assert "long stopped" in status
+    assert (tmp_path / "out" / "long.safetensors").is_file() == save
+    assert handler(app.blocks, "traindeck_stop")() == "nothing is training"

@@ -53,6 +53,11 @@ def latest_log(root: Path | None = None) -> Path | None:
 def loss_figure(path: Path, *, size: tuple[float, float] = (8.0, 4.5)) -> Figure:
     """Raw loss (faint), smoothed loss and learning rate(s) against step."""
     header, frame = read_log(path)
+    return figure_of(header, frame, path.stem, size=size)
+
+
+def figure_of(header: dict[str, str], frame, title: str, *, size: tuple[float, float] = (8.0, 4.5)) -> Figure:
+    """The figure for an already-read log (header, pandas frame)."""
     fig = Figure(figsize=size, dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     if RAW in frame:
@@ -68,7 +73,7 @@ def loss_figure(path: Path, *, size: tuple[float, float] = (8.0, 4.5)) -> Figure
     lr_ax.set_ylabel("learning rate")
     lines = ax.get_lines() + lr_ax.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize="small")
-    ax.set_title(f"{header.get('save_lora_name', path.stem)}  ({len(frame)} steps)")
+    ax.set_title(f"{header.get('save_lora_name', title)}  ({len(frame)} steps)")
     ax.grid(True, alpha=0.25)
     fig.tight_layout()
     return fig

@@ -85,7 +85,8 @@ class PlotTab:
         self._shown: tuple[str, float] | None = None  # (log name, its mtime) last drawn
 
     def draw(self, name: str | None) -> list:
-        from ..plot import log_names, loss_figure, resolve_log
+        from ..plot import figure_of, log_names, resolve_log
+        from ..runlog import read_log
 
         names = log_names(logs_dir())
         name = name or (names[0] if names else None)
@@ -93,7 +94,9 @@ class PlotTab:
             return [gr.update(choices=names), None, "no logs yet"]
         path = resolve_log(name, logs_dir())
         self._shown = (name, path.stat().st_mtime)
-        return [gr.update(choices=names, value=name), loss_figure(path), ""]
+        header, frame = read_log(path)
+        return [gr.update(choices=names, value=name), figure_of(header, frame, path.stem),
+                f"{name}: {len(frame)} steps"]
 
     def poll(self, live: bool) -> list:
         """While following, redraw the newest log when it changed; otherwise leave the plot be."""
