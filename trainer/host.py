@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -43,7 +43,7 @@ class Host(Protocol):
         """A prompt encoder of the host's own (None: the engine's)."""
         ...
 
-    def session(self) -> "contextlib.AbstractContextManager[None]":
+    def session(self) -> AbstractContextManager[None]:
         """Held for the whole job: the host's GPU lock, release/restore of its model."""
         ...
 

@@ -6,20 +6,18 @@ unattended GPU job.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TrainConfig
 from .events import JobStopped, Listener, Progress, StopFlag
-from .fsutil import unique_path, write_json_atomic
+from .jobs import ACTIVE, STATES, Job, read_journal, set_aside, write_journal
 from .params import ConfigError
 
 if TYPE_CHECKING:  # the engine imports torch; the queue itself needs nothing of it
@@ -27,55 +25,10 @@ if TYPE_CHECKING:  # the engine imports torch; the queue itself needs nothing of
 
 log = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "done", "failed", "stopped", "interrupted")
-ACTIVE = ("queued", "running")
-JOURNAL_VERSION = 1
 RunJob = Callable[[TrainConfig, StopFlag, Listener], "RunResult"]
 # How a job is expected to fail: TrainingFailed and torch's out-of-memory are RuntimeErrors,
 # ConfigError is a ValueError. These end the job with their text; others also get a traceback.
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
-
-
-@dataclass
-class Job:
-    """One job of the queue. `settings` is TrainConfig.to_dict(), what the journal keeps."""
-
-    id: str
-    settings: dict[str, Any]
-    state: str = "queued"
-    message: str = ""
-    created: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    output: str | None = None
-    steps: int = 0
-
-    @property
-    def name(self) -> str:
-        return str(self.settings.get("save_lora_name", ""))
-
-    @property
-    def mode(self) -> str:
-        return str(self.settings.get("mode", ""))
-
-    def config(self) -> TrainConfig:
-        """The job's settings as a TrainConfig (ConfigError if they no longer load)."""
-        return TrainConfig.from_dict(self.settings)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # a deep copy
-
-    @classmethod
-    def from_dict(cls, data: Any) -> Job:
-        """A journal entry back as a Job; ValueError when it is not one."""
-        known = {f.name for f in fields(cls)}
-        try:
-            job = cls(**{k: v for k, v in data.items() if k in known})
-        except (AttributeError, TypeError) as exc:  # not an object, or id/settings missing
-            raise ValueError(f"not a job entry: {exc}") from exc
-        if not (isinstance(job.id, str) and job.id and isinstance(job.settings, dict) and job.state in STATES):
-            raise ValueError(f"job entry with a bad id, settings or state: {job.id!r}, {job.state!r}")
-        return job
 
 
 class JobQueue:
@@ -101,13 +54,9 @@ class JobQueue:
         if not self.journal.exists():
             return
         try:
-            data = json.loads(self.journal.read_text(encoding="utf-8"))
-            if not (isinstance(data, dict) and data.get("version") == JOURNAL_VERSION
-                    and isinstance(data.get("jobs"), list)):
-                raise ValueError(f"not a version {JOURNAL_VERSION} queue journal")
-            jobs = [Job.from_dict(entry) for entry in data["jobs"]]
-        except (OSError, ValueError) as exc:  # JSON and UTF-8 decoding errors are ValueErrors
-            self._set_aside(exc)
+            jobs = read_journal(self.journal)
+        except (OSError, ValueError) as exc:
+            set_aside(self.journal, exc)
             return
         interrupted = [job for job in jobs if job.state == "running"]
         for job in interrupted:
@@ -117,25 +66,9 @@ class JobQueue:
         if interrupted:
             self._save()
 
-    def _set_aside(self, exc: Exception) -> None:
-        """Keep an unreadable journal for the user under another name; start empty."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = unique_path(self.journal.with_name(f"{self.journal.name}.corrupt-{stamp}"))
-        try:
-            self.journal.rename(aside)
-            log.warning("queue journal %s is unreadable (%s); kept as %s, the queue starts empty",
-                        self.journal, exc, aside)
-        except OSError as err:
-            log.error("queue journal %s is unreadable (%s) and could not be moved aside (%s)",
-                      self.journal, exc, err)
-
     def _save(self) -> None:
-        """Journal every job (the lock is held). A failed write is logged; the queue goes on."""
-        data = {"version": JOURNAL_VERSION, "jobs": [job.to_dict() for job in self._jobs]}
-        try:
-            write_json_atomic(self.journal, data)
-        except OSError as exc:
-            log.error("queue journal %s not written: %s", self.journal, exc)
+        """Journal every job (the lock is held)."""
+        write_journal(self.journal, self._jobs)
 
     # ---- editing -------------------------------------------------------
     def add(self, cfg: TrainConfig) -> Job:

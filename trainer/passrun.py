@@ -6,7 +6,7 @@ import math
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -153,7 +153,6 @@ class PassRunner:
         if self.csv is not None:
             result.logs.append(self.csv.path)
         self.bundle.unet.train()
-        params = [p for g in opt.param_groups for p in g["params"]]
         ema, times = Ema(), deque(maxlen=20)
         total = self.cfg.train_iterations
         result.loss_first = result.loss_last = None  # the job's losses are those of its last trained pass
