@@ -105,6 +105,10 @@ class Trainer:
                     started: float, result: RunResult) -> None:
         model_dtype = devices.compute_dtype(self.cfg.train_model_precision, self.device)
         bundle = self.host.load_bundle(self.cfg, dtype=model_dtype, device=self.device)
+        loaded = next(bundle.unet.parameters()).dtype
+        if loaded != model_dtype:  # a WebUI's model is used in its own precision rather than copied
+            log.info("the model is held in %s; training runs in that precision", loaded)
+            model_dtype = loaded
         frozen: list = []
         try:
             for index, (spec, plan) in enumerate(zip(specs, plans), start=1):

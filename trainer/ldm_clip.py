@@ -36,14 +36,15 @@ def _config(vocab: int, hidden: int, inter: int, layers: int, positions: int, ac
     )
 
 
-def clip_l_config(sd: dict, prefix: str, *, name: str) -> CLIPTextConfig:
-    """OpenAI CLIP text config (SD1, SDXL's first encoder) from `<prefix>text_model.*` shapes."""
+def clip_l_config(sd: dict, prefix: str, *, name: str, act: str = "quick_gelu") -> CLIPTextConfig:
+    """CLIP text config from transformers-format `<prefix>text_model.*` shapes (OpenAI CLIP-L by default)."""
     p = prefix + "text_model."
     try:
         vocab, hidden = sd[p + "embeddings.token_embedding.weight"].shape
+        proj = sd[prefix + "text_projection.weight"].shape[0] if prefix + "text_projection.weight" in sd else hidden
         return _config(vocab, hidden, sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
                        _layers(sd, p + "encoder.layers."), sd[p + "embeddings.position_embedding.weight"].shape[0],
-                       "quick_gelu", hidden)
+                       act, proj)
     except KeyError as exc:
         raise ModelError(f"{name}: incomplete CLIP text encoder (missing {exc.args[0]})") from exc
 
@@ -97,6 +98,18 @@ def clip_l_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, name: str) -> C
     converted = sfu.convert_ldm_clip_checkpoint(part)
     model = build_empty(lambda: CLIPTextModel(cfg))
     return assign_load(model, _fit_keys(model, converted), what="text encoder", name=name)
+
+
+def hf_clip_from_state_dict(sd: dict[str, torch.Tensor], prefix: str, *, name: str, projection: bool,
+                            act: str = "gelu") -> torch.nn.Module:
+    """A text encoder already in transformers' layout under `prefix` (Forge keeps OpenCLIP-H/G so)."""
+    cfg = clip_l_config(sd, prefix, name=name, act=act)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    model = build_empty(lambda: cls(cfg))
+    part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not projection:
+        part.pop("text_projection.weight", None)
+    return assign_load(model, _fit_keys(model, part), what="text encoder", name=name)
 
 
 def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, name: str, projection: bool) -> torch.nn.Module:

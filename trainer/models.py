@@ -59,10 +59,11 @@ def _decide_v_pred(forced: bool | None, hint: bool | None, family: str, unet: UN
 
 def _from_ldm(sd: dict[str, torch.Tensor], *, name: str, original_config: dict | str | Path | None,
               meta: dict[str, str], v_pred: bool | None, dtype: torch.dtype | None,
-              device: torch.device | None) -> ModelBundle:
-    """The shared single-file / state-dict conversion path."""
+              device: torch.device | None, family: str | None = None,
+              text_encoders: list[torch.nn.Module] | None = None) -> ModelBundle:
+    """The shared single-file / state-dict conversion path (text encoders may come ready-made)."""
     sd = normalize_keys(_trainable_tensors(sd))
-    family = detect_family(sd, name=name)
+    family = family or detect_family(sd, name=name)
     given = read_original_config(original_config, name=name) if original_config is not None else None
     hint = v_pred_hint(sd, meta, given)
     config = given or default_config(family, v_pred=bool(hint or v_pred))
@@ -73,7 +74,7 @@ def _from_ldm(sd: dict[str, torch.Tensor], *, name: str, original_config: dict |
     if given is None:
         config = default_config(family, v_pred=vp)  # same networks; records the right parameterization
     vae = vae_from_ldm(sd, config, name=name, pixel_size=unet.config.sample_size * 8)
-    tes = text_encoders_from_ldm(sd, family, name=name)
+    tes = text_encoders if text_encoders is not None else text_encoders_from_ldm(sd, family, name=name)
     for module in (unet, vae, *tes):
         finish(module, dtype, device)
     return ModelBundle(
@@ -86,15 +87,17 @@ def _from_ldm(sd: dict[str, torch.Tensor], *, name: str, original_config: dict |
 
 def load_from_state_dict(state_dict: dict[str, torch.Tensor], *, name: str = "memory",
                          original_config: dict | str | Path | None = None, v_pred: bool | None = None,
-                         dtype: torch.dtype | None = None) -> ModelBundle:
+                         dtype: torch.dtype | None = None, family: str | None = None,
+                         text_encoders: list[torch.nn.Module] | None = None) -> ModelBundle:
     """A bundle from an in-memory ldm (A1111) state dict.
 
     Where the conversion only renames keys (U-Net, VAE, CLIP-L), the modules share
     storage with `state_dict` as long as no dtype change is asked for. `v_pred=True`
-    forces v-prediction; None or False means "detect".
+    forces v-prediction; None or False means "detect". `family` and ready-made
+    `text_encoders` serve a host whose text encoders are not in the ldm layout.
     """
     return _from_ldm(dict(state_dict), name=name, original_config=original_config, meta={},
-                     v_pred=v_pred, dtype=dtype, device=None)
+                     v_pred=v_pred, dtype=dtype, device=None, family=family, text_encoders=text_encoders)
 
 
 def _pretrained(cls, folder: Path, **kw):

@@ -26,11 +26,14 @@ def assets() -> tuple[str, str]:
 class App:
     """Holds the tabs so tests can reach every component and handler."""
 
-    def __init__(self, ctl: Controller, initial: TrainConfig | None = None, *, standalone: bool = True):
+    def __init__(self, ctl: Controller, initial: TrainConfig | None = None, *, standalone: bool = True,
+                 notice: str | None = None):
         self.ctl = ctl
         css, js = assets()
         with make(gr.Blocks, title="Traindeck", analytics_enabled=False, css=css if standalone else None,
                   elem_id="traindeck") as self.blocks:
+            if notice:
+                make(gr.Markdown, value=f"**{notice}**", elem_id="traindeck-notice")
             with gr.Tabs():
                 with make(gr.Tab, label="Train", elem_id="traindeck-tab-train"):
                     self.train = TrainTab(ctl, initial or TrainConfig())

@@ -1,0 +1,5 @@
+gc_calls = []
+
+
+def torch_gc():
+    gc_calls.append(1)

@@ -1,0 +1,1 @@
+"""Forge's marker package (tests only)."""

@@ -1,0 +1,206 @@
+"""The WebUI host adapter against a stand-in for A1111's and Forge's `modules`: the loaded model
+reused from memory, its weights untouched, the host's lock and progress, LoRA unmerging."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trainer.models as models
+from trainer.engine import Trainer
+from trainer.hosts.weights import weights_digest
+from trainer.params import ConfigError
+from trainer.textenc import encode_prompts
+
+from tests.enginekit import make_images, quick_config
+from tests.ldm_export import assert_same_model
+from tests.tiny import tiny_bundle
+from tests.webuikit import a1111_model, fake_webui, forge_model, host_tensors
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=["a1111", "forge"])
+def kind(request):
+    return request.param
+
+
+def no_file_reads(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a checkpoint file was read")
+    monkeypatch.setattr(models, "read_state_dict", refuse)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_loaded_model_is_reused_from_memory(kind, family, tmp_path, monkeypatch):
+    from trainer.hosts.webui import WebUIHost
+
+    src = tiny_bundle(family)
+    with fake_webui(kind) as w:
+        make = forge_model if kind == "forge" else a1111_model
+        w.shared.sd_model = model = make(src, tmp_path / f"{family}.safetensors")
+        host = WebUIHost()
+        assert host.kind == kind and host.is_loaded("") and host.is_loaded(model.sd_checkpoint_info.title)
+        no_file_reads(monkeypatch)
+        bundle = host.load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        assert bundle.family == family and bundle.v_pred == src.v_pred and bundle.extra["reused_from_host"]
+        assert_same_model(src, bundle)
+        host_ptrs = {t.data_ptr() for t in host_tensors(model)}
+        unet_ptrs = [p.data_ptr() for p in bundle.unet.parameters()]
+        shared = sum(p in host_ptrs for p in unet_ptrs) / len(unet_ptrs)
+        if kind == "a1111":
+            assert shared > 0.9  # renamed, not copied (only reshaped tensors are new)
+        else:
+            assert shared == 0 and not any(p.is_inference() for p in bundle.unet.parameters())
+
+
+def run_job(host, tmp_path, **over):
+    data = make_images(tmp_path / "data")
+    seen = []
+
+    def look(p):
+        from modules import call_queue, shared
+
+        if p.phase == "training":
+            seen.append((call_queue.queue_lock.locked(), shared.state.job, shared.state.sampling_step))
+
+    result = Trainer(quick_config(data, model="", **over), host, device="cpu", listeners=[look]).run()
+    return result, seen
+
+
+def test_a_job_holds_the_lock_shows_progress_and_leaves_the_weights_alone(kind, tmp_path, monkeypatch):
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui(kind) as w:
+        make = forge_model if kind == "forge" else a1111_model
+        w.shared.sd_model = model = make(tiny_bundle("sd1"), tmp_path / "m.safetensors")
+        w.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
+        before = weights_digest(host_tensors(model))
+        no_file_reads(monkeypatch)
+        result, seen = run_job(WebUIHost(), tmp_path, train_iterations=3)
+        assert result.status == "done" and result.output == tmp_path / "Lora" / "tiny.safetensors"
+        assert seen and all(locked and job == "traindeck" for locked, job, _ in seen)
+        assert list(dict.fromkeys(s for *_, s in seen if s)) == [1, 2, 3]  # the host sees each step
+        assert not w.call_queue.queue_lock.locked() and w.shared.state.ended == 1 and w.devices.gc_calls
+        assert w.networks.refreshed  # the host's Lora list was refreshed after the save
+        assert weights_digest(host_tensors(model)) == before
+
+
+def test_a_failing_job_releases_everything(tmp_path, logs):
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui("a1111") as w:
+        w.shared.sd_model = model = a1111_model(tiny_bundle("sd1"), tmp_path / "m.safetensors")
+        before = weights_digest(host_tensors(model))
+        with pytest.raises(ConfigError, match="lora_data_directory"):
+            Trainer(quick_config(tmp_path / "missing", model=""), WebUIHost(), device="cpu").run()
+        assert not w.call_queue.queue_lock.locked() and w.shared.state.ended == 1
+        assert weights_digest(host_tensors(model)) == before
+
+
+def test_a_merged_lora_is_taken_out_first(tmp_path, logs):
+    from trainer.hosts.webui import WebUIHost
+
+    src = tiny_bundle("sd1")
+    with fake_webui("a1111") as w:
+        w.shared.sd_model = model = a1111_model(src, tmp_path / "m.safetensors")
+        target = model.model.diffusion_model.input_blocks.get_submodule("1.1.proj_in")
+        pristine = target.weight.detach().clone()
+        target.network_weights_backup = pristine.clone()
+        target.network_current_names = ("somelora",)
+        with torch.no_grad():
+            target.weight.add_(0.5)  # merged in place, as the built-in Lora extension leaves it
+        w.networks.loaded_networks.append("somelora")
+        bundle = WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        assert torch.equal(target.weight, pristine) and target.network_current_names == ()
+        assert w.networks.loaded_networks == []
+        assert_same_model(src, bundle)
+        target.network_current_names = ("again",)
+        del w.networks.network_restore_weights_from_backup
+        with pytest.raises(ConfigError, match="a LoRA is merged"):
+            WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+
+
+def test_another_checkpoint_comes_from_its_file(kind, tmp_path):
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui(kind) as w:
+        make = forge_model if kind == "forge" else a1111_model
+        w.shared.sd_model = make(tiny_bundle("sd1", seed=1), tmp_path / "loaded.safetensors")
+        other = tiny_bundle("sd1", seed=2)
+        title = a1111_model(other, tmp_path / "other.safetensors").sd_checkpoint_info.title
+        host = WebUIHost()
+        assert not host.is_loaded(title)
+        bundle = host.load_bundle(quick_config(tmp_path, model=title), dtype=torch.float32, device=CPU)
+        assert "reused_from_host" not in bundle.extra
+        assert_same_model(other, bundle)
+        with pytest.raises(ConfigError, match="not a checkpoint the WebUI knows"):
+            host.load_bundle(quick_config(tmp_path, model="nope"), dtype=torch.float32, device=CPU)
+
+
+def test_forge_before_its_first_generation_loads_the_selected_file(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui("forge") as w:
+        src = tiny_bundle("sd1")
+        info = forge_model(src, tmp_path / "m.safetensors").sd_checkpoint_info
+        w.shared.sd_model = SimpleNamespace()  # FakeInitialModel: no forge_objects, no weights
+        w.shared.opts.sd_model_checkpoint = info.title
+        host = WebUIHost()
+        assert not host.is_loaded("")
+        bundle = host.load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        assert "reused_from_host" not in bundle.extra
+        assert_same_model(src, bundle)
+
+
+@pytest.mark.parametrize("skip", [1, 2])
+def test_prompts_use_the_hosts_clip_skip(kind, skip, tmp_path):
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui(kind) as w:
+        make = forge_model if kind == "forge" else a1111_model
+        w.shared.sd_model = make(tiny_bundle("sd1"), tmp_path / "m.safetensors")
+        w.shared.opts.CLIP_stop_at_last_layers = skip
+        host = WebUIHost()
+        bundle = host.load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        got = host.encode_fn(bundle)(["a photo of a cat"]).hidden
+        want = encode_prompts(bundle, ["a photo of a cat"], clip_skip=skip).hidden
+        other = encode_prompts(bundle, ["a photo of a cat"], clip_skip=3 - skip).hidden
+        assert torch.equal(got, want) and not torch.equal(got, other)
+
+
+def test_the_hosts_interrupt_stops_and_saves(tmp_path, logs):
+    from trainer.hosts.webui import WebUIHost
+    from trainer.events import StopFlag
+
+    with fake_webui("a1111") as w:
+        w.shared.sd_model = a1111_model(tiny_bundle("sd1"), tmp_path / "m.safetensors")
+        w.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
+        host, stop = WebUIHost(), StopFlag()
+        host.on_interrupt = lambda: stop.request(save=True)
+
+        def press(p):
+            if p.phase == "training" and p.step == 2:
+                w.shared.state.interrupted = True
+
+        data = make_images(tmp_path / "data")
+        result = Trainer(quick_config(data, model="", train_iterations=50), host, device="cpu", stop=stop,
+                         listeners=[press]).run()
+        assert result.status == "stopped" and result.output == tmp_path / "Lora" / "tiny.safetensors"
+        assert result.steps < 50
+
+
+def test_versions_outside_the_tested_ones_are_reported(tmp_path):
+    from trainer.hosts.webui import host_kind
+
+    with fake_webui("a1111"):
+        import modules.launch_utils as launch
+
+        assert host_kind() == ("a1111", "AUTOMATIC1111 v1.10.1")
+        launch.tag = "v1.7.0"
+        kind, text = host_kind()
+        assert kind == "unsupported" and "v1.7.0" in text and "not one Traindeck was tested on" in text
+    with fake_webui("forge"):
+        assert host_kind()[0] == "forge"
+

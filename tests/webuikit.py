@@ -1,0 +1,131 @@
+"""A WebUI to test the host adapter against: the stand-in `modules` package (tests/fakewebui)
+and loaded models laid out the way A1111 and Forge hold them in memory."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from tests.ldm_export import _hf_clip, export_ldm, write_single_file
+
+HERE = Path(__file__).resolve().parent
+_FAKE_NAMES = ("modules", "networks", "modules_forge")
+
+
+@contextmanager
+def fake_webui(kind: str = "a1111") -> Iterator[SimpleNamespace]:
+    """`modules`, `networks` (and for Forge `modules_forge`) importable, fresh, for one test."""
+    paths = [str(HERE / "fakewebui")] + ([str(HERE / "fakewebui_forge")] if kind == "forge" else [])
+    _purge()
+    sys.path[:0] = paths
+    try:
+        from modules import call_queue, devices, script_callbacks, sd_models, shared
+
+        import networks
+
+        yield SimpleNamespace(shared=shared, call_queue=call_queue, devices=devices, sd_models=sd_models,
+                              script_callbacks=script_callbacks, networks=networks)
+    finally:
+        for p in paths:
+            sys.path.remove(p)
+        _purge()
+
+
+def _purge() -> None:
+    for name in list(sys.modules):
+        if name.split(".")[0] in _FAKE_NAMES:
+            del sys.modules[name]
+
+
+def module_tree(sd: dict[str, torch.Tensor], copy: bool = True) -> nn.Module:
+    """An nn.Module whose state_dict() is exactly `sd` (parameters at the dotted paths)."""
+    root = nn.Module()
+    for key, value in sd.items():
+        *path, leaf = key.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part) or not isinstance(getattr(node, part), nn.Module):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        value = value.clone() if copy else value
+        if value.is_floating_point():
+            node.register_parameter(leaf, nn.Parameter(value))  # the WebUI leaves requires_grad on
+        else:
+            node.register_buffer(leaf, value)
+    return root
+
+
+def _hijacked(key: str) -> str:
+    """A1111's hijack: text encoders under `.wrapped`, token embeddings wrapped for textual inversion."""
+    for prefix in ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.",
+                   "cond_stage_model.model.", "conditioner.embedders.1.model."):
+        if key.startswith(prefix):
+            head, rest = prefix.rsplit(".", 2)[0], key[len(prefix.rsplit(".", 2)[0]) + 1:]
+            key = f"{head}.wrapped.{rest}"
+            break
+    return key.replace("token_embedding.weight", "token_embedding.wrapped.weight")
+
+
+def a1111_model(bundle, checkpoint: Path) -> nn.Module:
+    """The ldm model A1111 has loaded: checkpoint-named weights, hijacked, with its flags.
+    The checkpoint (and its .yaml) is written too."""
+    write_single_file(bundle, checkpoint)
+    return a1111_model_from_ldm(export_ldm(bundle), bundle.family, checkpoint, bundle.v_pred)
+
+
+def a1111_model_from_ldm(sd: dict[str, torch.Tensor], family: str, checkpoint: Path, v_pred: bool,
+                         copy: bool = True) -> nn.Module:
+    """The model A1111 builds from a checkpoint's state dict (`copy=False` keeps the tensors)."""
+    model = module_tree({_hijacked(k): v for k, v in sd.items()}, copy=copy)
+    if family == "sdxl":
+        model.cond_stage_model = model.conditioner  # the alias sd_models_xl adds
+    model.sd_checkpoint_info = _info(checkpoint)
+    model.parameterization = "v" if v_pred else "eps"
+    model.is_sd1, model.is_sd2, model.is_sdxl = (family == f for f in ("sd1", "sd2", "sdxl"))
+    return model
+
+
+def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
+    """Forge's engine object: separate parts, every tensor made under inference mode."""
+    ldm = export_ldm(bundle)
+    unet = {k[len("model.diffusion_model."):]: v for k, v in ldm.items() if k.startswith("model.diffusion_model.")}
+    vae = {k[len("first_stage_model."):]: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
+    tes = bundle.text_encoders
+    names = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[bundle.family]
+    clip: dict[str, torch.Tensor] = {}
+    for name, te in zip(names, tes):
+        hf = _hf_clip(te)
+        if getattr(te, "text_projection", None) is not None:
+            hf["text_projection.weight"] = te.text_projection.weight.clone()
+        clip.update({f"{name}.transformer.{k}": v for k, v in hf.items()})
+    with torch.inference_mode():
+        parts = [module_tree({k: v.clone() for k, v in part.items()}) for part in (unet, vae, clip)]
+    predictor = SimpleNamespace(prediction_type="v_prediction" if bundle.v_pred else "epsilon")
+    objects = SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=parts[0], predictor=predictor)),
+                              vae=SimpleNamespace(first_stage_model=parts[1]),
+                              clip=SimpleNamespace(cond_stage_model=parts[2]))
+    write_single_file(bundle, checkpoint)
+    return SimpleNamespace(forge_objects=objects, sd_checkpoint_info=_info(checkpoint),
+                           is_sd1=bundle.family == "sd1", is_sd2=bundle.family == "sd2", is_sdxl=bundle.family == "sdxl")
+
+
+def _info(checkpoint: Path) -> SimpleNamespace:
+    from modules import sd_models
+
+    info = sd_models.checkpoint_info(checkpoint, Path(checkpoint).stem)
+    sd_models.checkpoints_list[info.title] = info
+    return info
+
+
+def host_tensors(model) -> list[torch.Tensor]:
+    """Every tensor of a loaded host model, in a fixed order."""
+    if hasattr(model, "forge_objects"):
+        o = model.forge_objects
+        modules = [o.unet.model.diffusion_model, o.vae.first_stage_model, o.clip.cond_stage_model]
+        return [t for m in modules for _, t in sorted(m.state_dict().items())]
+    return [t for _, t in sorted(model.state_dict().items())]

@@ -1,0 +1,194 @@
+"""The WebUI host (AUTOMATIC1111 1.10, Forge): the only code that imports the WebUI's `modules`.
+
+It trains on the model the WebUI already has loaded: the bundle is built from the
+host's tensors in memory (shared on A1111, cloned on Forge, whose tensors are
+inference-mode), after taking any merged LoRA out. Another checkpoint is loaded from
+its file through the core loader, and the host's model stays as it was. While a job
+runs it holds the host's generation lock and shows the job in the host's progress.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..bundle import ModelBundle
+from ..config import TrainConfig
+from ..events import Progress
+from ..params import ConfigError
+from . import weights
+
+log = logging.getLogger(__name__)
+
+
+def _module(name: str) -> Any | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def host_kind() -> tuple[str, str]:
+    """('a1111' | 'forge' | 'unsupported', a sentence for the console and the tab)."""
+    if _module("modules_forge") is not None:
+        return "forge", "Forge"
+    launch = _module("modules.launch_utils")
+    tag = str(getattr(launch, "git_tag", lambda: "")() or "") if launch is not None else ""
+    if tag.lstrip("v").startswith("1.10"):
+        return "a1111", f"AUTOMATIC1111 {tag}"
+    return "unsupported", (f"this WebUI ({tag or 'unknown version'}) is not one Traindeck was tested on "
+                           "(AUTOMATIC1111 1.10.x, Forge); training may fail")
+
+
+class WebUIHost:
+    """Host protocol over the running WebUI."""
+
+    name = "webui"
+
+    def __init__(self) -> None:
+        from modules import call_queue, sd_models, shared  # noqa: F401 (fail early outside a WebUI)
+
+        self.kind, self.description = host_kind()
+        self.on_interrupt: Callable[[], None] | None = None
+
+    # ---- folders and model lists --------------------------------------------------
+    def lora_dir(self) -> Path:
+        from modules import paths, shared
+
+        configured = getattr(shared.cmd_opts, "lora_dir", None)
+        return Path(configured) if configured else Path(paths.models_path) / "Lora"
+
+    def list_models(self) -> list[str]:
+        from modules import sd_models
+
+        return [info.title for info in sd_models.checkpoints_list.values()]
+
+    def list_vaes(self) -> list[str]:
+        from modules import sd_vae
+
+        return sorted(getattr(sd_vae, "vae_dict", {}))
+
+    def _loaded_info(self) -> Any | None:
+        from modules import shared
+
+        model = getattr(shared, "sd_model", None)
+        if model is None or (self.kind == "forge" and not hasattr(model, "forge_objects")):
+            return None  # Forge's FakeInitialModel holds no weights yet
+        return getattr(model, "sd_checkpoint_info", None)
+
+    def is_loaded(self, name: str) -> bool:
+        """Whether `name` (empty: "whatever is loaded") is the model the WebUI holds now."""
+        info = self._loaded_info()
+        if info is None:
+            return False
+        if not name:
+            return True
+        names = {getattr(info, a, None) for a in ("title", "name", "name_for_extra", "model_name", "short_title")}
+        filename = getattr(info, "filename", "")
+        return name in names or (bool(filename) and Path(name).expanduser() == Path(filename))
+
+    def checkpoint_path(self, name: str) -> Path:
+        """The file of a checkpoint title, name or path."""
+        from modules import sd_models, shared
+
+        if not name:
+            name = getattr(shared.opts, "sd_model_checkpoint", "") or ""
+        info = sd_models.get_closet_checkpoint_match(name) if name else None
+        if info is not None:
+            return Path(info.filename)
+        if name and Path(name).expanduser().is_file():
+            return Path(name).expanduser()
+        raise ConfigError("model", name, "is not a checkpoint the WebUI knows; pick one from the list")
+
+    def _vae_path(self, name: str) -> Path:
+        from modules import sd_vae
+
+        path = getattr(sd_vae, "vae_dict", {}).get(name) or name
+        if not Path(path).expanduser().is_file():
+            raise ConfigError("vae", name, "is not a VAE the WebUI knows")
+        return Path(path).expanduser()
+
+    # ---- the model ---------------------------------------------------------------------
+    def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:
+        from ..models import load_model, load_vae_file
+
+        if not self.is_loaded(cfg.model):
+            path = self.checkpoint_path(cfg.model)
+            vae = self._vae_path(cfg.vae) if cfg.vae else None
+            log.info("training on %s, loaded from its file (the WebUI keeps its own model)", path)
+            return load_model(path, vae=vae, v_pred=True if cfg.model_v_pred else None, dtype=dtype,
+                              device=torch.device("cpu"))
+        bundle = self._from_memory(cfg)
+        if cfg.vae:
+            bundle.vae = load_vae_file(self._vae_path(cfg.vae), scaling_factor=bundle.vae_scale,
+                                       dtype=next(bundle.vae.parameters()).dtype)
+        return bundle
+
+    def _from_memory(self, cfg: TrainConfig) -> ModelBundle:
+        from modules import shared
+
+        from ..checkpoint import sibling_yaml
+
+        model = shared.sd_model
+        info = model.sd_checkpoint_info
+        forced = True if cfg.model_v_pred else None
+        # The ldm config the host used (A1111 records it), else the A1111 convention of a .yaml beside the file.
+        used = getattr(model, "used_config", None)
+        config = used if used and Path(used).is_file() else sibling_yaml(info.filename)
+        if self.kind == "forge":
+            predictor = model.forge_objects.unet.model.predictor
+            v_pred = forced or getattr(predictor, "prediction_type", "") == "v_prediction" or None
+            bundle = weights.forge_bundle(model, name=info.name, v_pred=v_pred, original_config=config)
+        else:
+            weights.unmerge_loras(model, _module("networks"))
+            v_pred = forced or getattr(model, "parameterization", "eps") == "v" or None
+            bundle = weights.load_from_state_dict(weights.a1111_state_dict(model), name=info.name, v_pred=v_pred,
+                                                  original_config=config)
+        bundle.extra["reused_from_host"] = True
+        log.info("training on the WebUI's loaded model %s (no file read)", info.title)
+        return bundle
+
+    def encode_fn(self, bundle: ModelBundle) -> Callable[[list[str]], object]:
+        """Prompts through the same text encoder weights, with the host's clip skip."""
+        from modules import shared
+
+        from ..textenc import encode_prompts
+
+        skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
+        if self.kind == "a1111" and bundle.family != "sd1":
+            skip = 1  # A1111 applies clip skip to SD1 only (SD2 is fixed, SDXL has its own)
+        return lambda prompts: encode_prompts(bundle, prompts, clip_skip=skip)
+
+    # ---- running alongside the host -----------------------------------------------------
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """The host's generation lock for the whole job, and its progress state."""
+        from modules import call_queue, devices, shared
+
+        with call_queue.queue_lock:
+            shared.state.begin(job="traindeck")
+            try:
+                yield
+            finally:
+                shared.state.end()
+                getattr(devices, "torch_gc", lambda: None)()
+
+    def progress(self, p: Progress) -> None:
+        from modules import shared
+
+        state = shared.state
+        state.job_count, state.job_no = p.pass_count, p.pass_index - 1
+        state.sampling_steps, state.sampling_step = p.total, p.step
+        state.textinfo = f"Traindeck: {p.name} {p.phase} {p.step}/{p.total}"
+        if getattr(state, "interrupted", False) and self.on_interrupt is not None:
+            self.on_interrupt()  # the host's Interrupt button stops (and saves) the job
+
+    def saved(self, path: Path) -> None:
+        networks = _module("networks")
+        refresh = getattr(networks, "list_available_networks", None)
+        if refresh is not None:
+            refresh()  # the new file shows in the host's Lora list

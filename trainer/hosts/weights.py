@@ -1,0 +1,127 @@
+"""The weights of the model a WebUI has loaded, as a ModelBundle, without reading any file.
+
+A1111 keeps an ldm model whose ``state_dict()`` already has checkpoint key names, except
+for the hijack's ``.wrapped`` levels and SDXL's ``cond_stage_model`` alias; the tensors
+are shared, not copied. Forge keeps its parts apart (``forge_objects``) and builds them
+under ``torch.inference_mode()``, so its tensors cannot enter autograd: they are cloned
+(from memory, still no disk read). Nothing here imports the WebUI's ``modules``: the
+adapter hands the objects in.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+
+from ..bundle import ModelBundle
+from ..ldm_clip import hf_clip_from_state_dict
+from ..models import load_from_state_dict
+from ..params import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def strip_wrapped(key: str) -> str:
+    """A1111's hijack nests text-encoder parts under `.wrapped`; checkpoints have no such level."""
+    return ".".join(part for part in key.split(".") if part != "wrapped")
+
+
+def a1111_state_dict(sd_model: Any) -> dict[str, torch.Tensor]:
+    """Checkpoint-named tensors of an A1111 model (shared with it, not copied)."""
+    raw = sd_model.state_dict()
+    has_conditioner = any(k.startswith("conditioner.") for k in raw)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if has_conditioner and key.startswith("cond_stage_model."):
+            continue  # SDXL's alias of conditioner: the same tensors a second time
+        out[strip_wrapped(key)] = value
+    return out
+
+
+def merged_modules(sd_model: Any) -> list[Any]:
+    """Modules that carry a LoRA merged in place by the built-in Lora extension."""
+    return [m for m in sd_model.modules() if getattr(m, "network_current_names", ())]
+
+
+def unmerge_loras(sd_model: Any, networks: Any | None) -> int:
+    """Put back the pristine weights the built-in Lora extension backed up; returns how many.
+
+    The host merges a prompt's LoRAs into the weights and leaves them there after the
+    generation. Training on such weights would bake someone else's LoRA into ours.
+    With the backups restored and the names reset, the host merges again on its next
+    generation that asks for a LoRA.
+    """
+    merged = merged_modules(sd_model)
+    if not merged:
+        return 0
+    if networks is None or not hasattr(networks, "network_restore_weights_from_backup"):
+        raise ConfigError("model", getattr(getattr(sd_model, "sd_checkpoint_info", None), "title", "loaded model"),
+                          "a LoRA is merged into the loaded model's weights and cannot be taken out here; "
+                          "generate once without LoRAs (or reload the checkpoint), then start again")
+    for module in merged:
+        networks.network_restore_weights_from_backup(module)
+        module.network_current_names = ()
+    if hasattr(networks, "loaded_networks"):
+        networks.loaded_networks.clear()
+    log.info("took %d merged LoRA weights out of the loaded model before training", len(merged))
+    return len(merged)
+
+
+def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def _renamed(sd: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    return {new + k[len(old):]: v for k, v in sd.items() if k.startswith(old)}
+
+
+def _cloned(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inference tensors cannot be saved for backward: clone those (outside inference mode)."""
+    with torch.inference_mode(False):
+        return {k: v.clone() if v.is_inference() else v for k, v in sd.items()}
+
+
+def forge_parts(sd_model: Any) -> tuple[dict, dict, dict]:
+    """(U-Net, VAE, text-encoder) state dicts of a Forge model, cloned where needed."""
+    objects = sd_model.forge_objects
+    unet = _cloned(objects.unet.model.diffusion_model.state_dict())
+    vae = _cloned(objects.vae.first_stage_model.state_dict())
+    clip = _cloned(objects.clip.cond_stage_model.state_dict())
+    return unet, vae, clip
+
+
+def family_of(sd_model: Any) -> str:
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+
+
+def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_config: Any = None) -> ModelBundle:
+    """A Forge model as a bundle: ldm names for the U-Net/VAE/CLIP-L, transformers' for CLIP-H/G."""
+    unet, vae, clip = forge_parts(sd_model)
+    family = family_of(sd_model)
+    sd = {**_prefixed(unet, "model.diffusion_model."), **_prefixed(vae, "first_stage_model.")}
+    tes = None
+    if family == "sd1":
+        sd.update(_renamed(clip, "clip_l.transformer.", "cond_stage_model.transformer."))
+    elif family == "sd2":
+        tes = [hf_clip_from_state_dict(clip, "clip_h.transformer.", name=name, projection=False)]
+    else:
+        sd.update(_renamed(clip, "clip_l.transformer.", "conditioner.embedders.0.transformer."))
+        from ..ldm_clip import SDXL_CLIP_L, clip_l_from_ldm
+
+        tes = [clip_l_from_ldm(sd, SDXL_CLIP_L, name=name),
+               hf_clip_from_state_dict(clip, "clip_g.transformer.", name=name, projection=True)]
+    return load_from_state_dict(sd, name=name, v_pred=v_pred, family=family, text_encoders=tes,
+                                original_config=original_config)
+
+
+def weights_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """A hash of tensor contents (tests and the benchmark use it to prove nothing changed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
