@@ -5,7 +5,8 @@
 Each side runs in its own process, so peak memory is its own. The "host" side holds an
 A1111-layout model in memory (the tests' stand-in for the WebUI's `modules`) and
 trains through the WebUI host adapter, which builds the bundle from those tensors;
-the "file" side trains through the standalone host, which reads the checkpoint.
+the "file" side trains through the standalone host, which reads the checkpoint (its
+pages dropped from the page cache first, so the read is a cold one).
 It prints seconds from Start to the first step (split into load + network build,
 latent caching, and the first step) and the peak extra memory (RSS high-water mark
 minus what the process held just before Start) against the model's size, then one
@@ -34,6 +35,16 @@ def rss_now_mb() -> float:
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache (no root needed), so reading it hits the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 class Clock:
@@ -74,6 +85,7 @@ def child(variant: str, work: Path, steps: int) -> dict:
             del sd
             host, cfg = WebUIHost(), cfg.with_overrides({"model": ""})
         else:
+            evict(checkpoint)  # a cold read, as after the WebUI started: its own load is long past
             host = StandaloneHost(work / "lora", [work])
             cfg = cfg.with_overrides({"model": checkpoint.name})
         gc.collect()

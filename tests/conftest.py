@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # The UI tests need gradio; the profile without a WebUI has none, so they are not even collected
 # there (the `ui` marker deselects them too, but collection would import gradio first).
-collect_ignore_glob = [] if importlib.util.find_spec("gradio") else ["test_ui*.py", "uikit.py"]
+collect_ignore_glob = [] if importlib.util.find_spec("gradio") else ["test_ui*.py", "uikit.py", "test_api.py"]
 
 # One torch thread per test process: the tiny models' ops are so small that two threads
 # spend more time waiting on each other than working (measured 5 s vs 5.5 s, and 22 s when

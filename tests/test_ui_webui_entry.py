@@ -65,3 +65,20 @@ def test_an_unsupported_host_is_named_in_the_tab(entry, tmp_path):
         (blocks, _, _), = w.script_callbacks.ui_tabs_callbacks[0]()
         notice = [b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "traindeck-notice"]
         assert notice and "v1.6.0" in notice[0].value and "not one Traindeck was tested on" in notice[0].value
+
+
+def test_the_routes_are_mounted_once_and_protected_by_api_auth(entry, tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    with fake_webui("a1111") as w:
+        w.shared.cmd_opts.api_auth = "user:pass"
+        runpy.run_path(str(ROOT / "scripts" / "traindeck.py"), run_name="traindeck_entry")
+        app = FastAPI()
+        started = w.script_callbacks.app_started_callbacks[0]
+        started(None, app)
+        started(None, app)  # the WebUI calls it again after a UI reload
+        client = TestClient(app)
+        assert client.get("/traindeck/v1/status").status_code == 401
+        assert client.get("/traindeck/v1/status", auth=("user", "pass")).status_code == 200
+        assert sum(1 for r in app.routes if getattr(r, "path", "") == "/traindeck/v1/status") == 1

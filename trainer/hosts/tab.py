@@ -35,13 +35,12 @@ def on_ui_tabs() -> list[tuple[Any, str, str]]:
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
-    from modules import shared
-
     from ..api import mount, parse_api_auth
+    from .webui import api_auth_setting
 
     if id(app) in _MOUNTED:
         return
-    credentials = parse_api_auth(getattr(shared.cmd_opts, "api_auth", None))
+    credentials = parse_api_auth(api_auth_setting())
     mount(app, controller(), credentials)
     _MOUNTED.add(id(app))
     if credentials is None:
@@ -50,11 +49,8 @@ def on_app_started(_demo: Any, app: Any) -> None:
 
 
 def register() -> None:
-    from modules import script_callbacks
-
-    from .webui import host_kind
+    from .webui import host_kind, register_callbacks
 
     kind, description = host_kind()
     (log.warning if kind == "unsupported" else log.info)("Traindeck on %s", description)
-    script_callbacks.on_ui_tabs(on_ui_tabs)
-    script_callbacks.on_app_started(on_app_started)
+    register_callbacks(on_ui_tabs, on_app_started)

@@ -192,3 +192,17 @@ class WebUIHost:
         refresh = getattr(networks, "list_available_networks", None)
         if refresh is not None:
             refresh()  # the new file shows in the host's Lora list
+
+
+def api_auth_setting() -> str | None:
+    """The WebUI's --api-auth value ("user:pass,user2:pass2"), if any."""
+    from modules import shared
+
+    return getattr(shared.cmd_opts, "api_auth", None)
+
+
+def register_callbacks(on_ui_tabs: Callable, on_app_started: Callable) -> None:
+    from modules import script_callbacks
+
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_app_started(on_app_started)
