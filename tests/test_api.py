@@ -19,24 +19,13 @@ from fastapi.testclient import TestClient
 
 from trainer.api import PREFIX, PROGRESS_FIELDS, mount, parse_api_auth
 
-from tests.uikit import make_app, wait_idle
+from tests.uikit import app, demo_root, make_app, wait_idle  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.ui
 
 QUICK = {"train_iterations": 2, "save_lora_name": "api", "image_size(height, width)": 64, "image_min_length": 64}
 USERS = {"alice": "s3cret:with:colons", "bob": "hunter2"}
 
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo")
-
-
-@pytest.fixture()
-def app(tmp_path, monkeypatch, demo_root):
-    built = make_app(tmp_path, monkeypatch, demo_root)
-    yield built
-    built.ctl.close()
 
 
 def client_for(app, credentials=None) -> TestClient:

@@ -11,21 +11,10 @@ from trainer.ui import form
 from trainer.ui.controller import Controller
 
 from tests.modekit import write_pair
-from tests.uikit import handler, make_app, values, wait_idle
+from tests.uikit import app, demo_root, handler, values, wait_idle  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.ui
 
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo")
-
-
-@pytest.fixture()
-def app(tmp_path, monkeypatch, demo_root):
-    built = make_app(tmp_path, monkeypatch, demo_root)
-    yield built
-    built.ctl.close()
 
 
 def test_every_setting_has_a_widget_from_the_schema(app):

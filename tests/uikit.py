@@ -5,6 +5,8 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
+
 from trainer.config import SECOND_PASS_FIELDS
 from trainer.demo import DEMO_MODEL, ensure_demo
 from trainer.host import StandaloneHost
@@ -40,6 +42,18 @@ def make_app(tmp_path: Path, monkeypatch, demo_root: Path) -> App:
     quick = load_preset("LoRA_Demo").with_overrides({**fallbacks, "train_iterations": 3, "image_size(height, width)": 64,
                                                 "image_min_length": 64})
     return App(ctl, quick)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture()
+def app(tmp_path, monkeypatch, demo_root):
+    built = make_app(tmp_path, monkeypatch, demo_root)
+    yield built
+    built.ctl.close()
 
 
 def values(app: App, **changes) -> list:
