@@ -193,7 +193,7 @@ class Routes:
             if not isinstance(start, bool):
                 raise ConfigError("start", start, "expected true or false")
             cfg, warnings = self._config(data)
-            job = self.ctl.queue.add(cfg)
+            job = self.ctl.queue.add(self.ctl.admit(cfg))
             if start:
                 self.ctl.queue.start()
         except ConfigError as exc:

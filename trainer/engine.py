@@ -112,6 +112,8 @@ class Trainer:
         frozen: list = []
         try:
             for index, (spec, plan) in enumerate(zip(specs, plans), start=1):
+                if index > 1 and self.stop.requested:
+                    raise JobStopped()  # between passes: the next one does not even start
                 self.emit(pass_index=index, total=spec.cfg.train_iterations, step=0)
                 runner = PassRunner(self, mode, spec, plan, bundle, model_dtype, seed, started, frozen, index)
                 out = runner.run(result)

@@ -34,6 +34,7 @@ class PassRunner:
         self.info = PassInfo()
         self.final_message = ""
         self.steps_done = 0
+        self.training = False  # True once the step loop runs (for messages)
         self.csv = None
         self._written: set[Path] = set()
 
@@ -103,7 +104,8 @@ class PassRunner:
             return self._frozen(network) if keep else None
         except torch.OutOfMemoryError:
             devices.empty_cache(self.t.device)
-            self._failed(f"out of memory at step {self.steps_done}; try a smaller batch or image size, "
+            where = f"at step {self.steps_done + 1}" if self.training else "while preparing the data"
+            self._failed(f"out of memory {where}; try a smaller batch or image size, "
                          "gradient checkpointing, or a lower precision", result)
         finally:
             if self.csv is not None:
@@ -157,6 +159,7 @@ class PassRunner:
         total = self.cfg.train_iterations
         result.loss_first = result.loss_last = None  # the job's losses are those of its last trained pass
         self.t.emit(phase="training", step=0, total=total, message=self.spec.label or "training")
+        self.training = True
         for step in range(1, total + 1):
             if self.t.stop.requested:
                 self._stopped(network, opt, result)

@@ -100,17 +100,16 @@ class WebUIHost:
         info = sd_models.get_closet_checkpoint_match(name) if name else None
         if info is not None:
             return Path(info.filename)
-        if name and Path(name).expanduser().is_file():
-            return Path(name).expanduser()
+        # Only the WebUI's own checkpoints: a job (perhaps from the API) never names any other file.
         raise ConfigError("model", name, "is not a checkpoint the WebUI knows; pick one from the list")
 
     def _vae_path(self, name: str) -> Path:
         from modules import sd_vae
 
-        path = getattr(sd_vae, "vae_dict", {}).get(name) or name
-        if not Path(path).expanduser().is_file():
+        path = getattr(sd_vae, "vae_dict", {}).get(name)
+        if not path or not Path(path).is_file():
             raise ConfigError("vae", name, "is not a VAE the WebUI knows")
-        return Path(path).expanduser()
+        return Path(path)
 
     # ---- the model ---------------------------------------------------------------------
     def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:

@@ -47,6 +47,32 @@ def describe(p: Progress) -> str:
     return " | ".join(parts)
 
 
+def _listed(field: str, value: str, names: list[str], folders: list[Path]) -> None:
+    from ..fsutil import inside
+    from ..host import MODEL_EXTENSIONS
+
+    if not value or value in names:
+        return
+    given = Path(value).expanduser()
+    for folder in folders:
+        # a path, or a name inside the folder with or without its extension
+        candidates = [given] if given.is_absolute() else [folder / value, *(folder / f"{value}{e}" for e in MODEL_EXTENSIONS)]
+        if any(c.exists() and inside(folder, c.resolve()) for c in candidates):
+            return
+    raise ConfigError(field, value, f"is not in the {field} list; jobs from the UI and API use listed {field}s only")
+
+
+def _inside_lora(field: str, value: str, lora_dir: Path) -> None:
+    from ..fsutil import inside
+
+    if not value:
+        return
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else lora_dir / path
+    if not inside(lora_dir, path.resolve()):
+        raise ConfigError(field, value, f"must be a file in the LoRA folder {lora_dir}")
+
+
 class Controller:
     """The queue, the host and the folders behind the Train, Queue and Plot tabs."""
 
@@ -76,15 +102,29 @@ class Controller:
         return form.config_from(values, second, self.fallbacks).validate()
 
     # ---- jobs -------------------------------------------------------------------------
+    def admit(self, cfg: TrainConfig) -> TrainConfig:
+        """Jobs from the UI and the API read models and networks only from the host's folders.
+
+        The model and VAE must be listed by the host (or lie inside its model folders), and a
+        network to resume or load must lie inside the LoRA folder; paths are resolved (links
+        and `..` included) before they are checked. The data folder and images are the user's.
+        """
+        _listed("model", cfg.model, self.host.list_models(), getattr(self.host, "model_dirs", []))
+        _listed("vae", cfg.vae, self.host.list_vaes(), getattr(self.host, "vae_dirs", []))
+        lora_dir = Path(self.host.lora_dir())
+        for field in ("network_resume", "diff_load_1st_pass"):
+            _inside_lora(field, getattr(cfg, field), lora_dir)
+        return cfg
+
     def start(self, cfg: TrainConfig) -> str:
         """Queue the job and start the worker; returns at once."""
-        job = self.queue.add(cfg)
+        job = self.queue.add(self.admit(cfg))
         self.queue.start()
         ahead = sum(1 for row in self.queue.snapshot() if row["state"] in ("queued", "running")) - 1
         return f"queued {job.name}" + (f" ({ahead} ahead)" if ahead > 0 else "") + "; training starts in turn"
 
     def add(self, cfg: TrainConfig) -> str:
-        job = self.queue.add(cfg)
+        job = self.queue.add(self.admit(cfg))
         return f"added {job.name} to the queue (press Start to run it)"
 
     def stop(self, save: bool) -> str:
@@ -125,6 +165,8 @@ class Controller:
         return list_presets(presets_dir())
 
     def load_preset(self, name: str) -> tuple[TrainConfig, list[str]]:
+        if name not in self.presets():  # a name from presets/, never a path elsewhere
+            raise ConfigError("preset", name, "choose a preset from the list")
         warnings: list[str] = []
         return load_preset(name, presets_dir(), warnings=warnings), warnings
 
