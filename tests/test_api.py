@@ -411,3 +411,31 @@ def test_mounting_again_replaces_the_routes(app, tmp_path, monkeypatch, demo_roo
     finally:
         wait_idle(other)
         other.ctl.close()
+
+
+def test_100_concurrent_enqueues_lose_nothing_and_admit_no_duplicate(client, app):
+    """8 threads, 100 POST /jobs for 50 names (each twice): 50 admitted, 50 refused with 422."""
+    import random
+    import threading
+
+    names = [f"c{i:02d}" for i in range(50)] * 2
+    random.Random(5).shuffle(names)
+    bodies = {name: {"settings": settings(name)} for name in set(names)}
+    codes: list[tuple[str, int]] = []
+    barrier = threading.Barrier(8)
+
+    def worker(part: list[str]) -> None:
+        barrier.wait(30)
+        for name in part:
+            codes.append((name, client.post(url("/jobs"), json=bodies[name]).status_code))
+
+    threads = [threading.Thread(target=worker, args=(names[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(codes) == 100
+    assert sorted(n for n, c in codes if c == 201) == sorted(set(names))
+    assert sorted(n for n, c in codes if c == 422) == sorted(set(names))
+    listed = client.get(url("/jobs")).json()
+    assert sorted(r["name"] for r in listed) == sorted(set(names)) and all(r["state"] == "queued" for r in listed)
