@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +29,11 @@ def check_name(field: str, name: str) -> str:
         raise ConfigError(field, name, "is a reserved device name")
     if name != name.strip() or name.endswith("."):
         raise ConfigError(field, name, "must not start or end with a space or end with '.'")
-    if len(name.encode("utf-8")) > 200:
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate
+        raise ConfigError(field, name, f"contains an invalid character at position {exc.start}") from None
+    if size > 200:
         raise ConfigError(field, name, "is longer than 200 bytes")
     return name
 
@@ -51,10 +56,10 @@ def atomic_path(final: Path | str, overwrite: bool = False, field: str = "output
     if final.exists() and not overwrite:
         raise FileExistsError(f"{field}: {final} already exists; set save_overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp(final)
     try:
+        if final.exists():  # a replaced file keeps its permissions
+            shutil.copymode(final, tmp)
         yield tmp
         _fsync(tmp)
         if not overwrite and final.exists():
@@ -64,6 +69,22 @@ def atomic_path(final: Path | str, overwrite: bool = False, field: str = "output
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _new_temp(final: Path) -> Path:
+    """Create an empty `.<name>.<random>.tmp` next to `final`.
+
+    Mode 0o666 less the umask, as a plain open() gives: os.replace keeps the temp file's mode, and
+    tempfile.mkstemp's 0o600 would leave a new file other users (a WebUI, a file server) cannot read.
+    """
+    for _ in range(100):
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temp file name next to {final}")
 
 
 def _fsync(path: Path) -> None:
