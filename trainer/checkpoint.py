@@ -40,9 +40,18 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
+def _is_pickle(path: Path) -> bool:
+    """True when the file starts with a pickle's PROTO opcode (every torch.save wrote one since protocol 2)."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     # mmap avoids a second copy in memory; only the zip format supports it.
     mmap = zipfile.is_zipfile(path)
+    if not mmap and not _is_pickle(path):
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:

@@ -37,6 +37,8 @@ def _literal(field: str, item: str, val: str) -> Any:
         raise ConfigError(field, item, "has no value after '='")
     try:
         value = ast.literal_eval(val)
+    except (TypeError, MemoryError, RecursionError):  # {[]: 1}, {1, []}; nesting the parser cannot hold
+        raise ConfigError(field, item, "value is not a number, string, tuple, list or True/False") from None
     except (ValueError, SyntaxError):
         if val.replace("_", "").replace("-", "").isalnum():
             return val

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -220,5 +221,7 @@ class Network:
             raise ConfigError("network_resume", str(path), f"has an unreadable {STRENGTH_KEY} entry") from None
         if strength == 0.0:
             raise ConfigError("network_resume", str(path), "was saved with network_strength 0; nothing to resume")
+        if not math.isfinite(strength):
+            raise ConfigError("network_resume", str(path), f"has {STRENGTH_KEY} {strength}; it must be a finite number")
         file_sd = scale_strength(file_sd, 1.0 / strength)  # undo the strength baked in at save
         self.lyco.load_state_dict(file_sd, strict=True)

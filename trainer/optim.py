@@ -175,8 +175,12 @@ def _number(key: str, value: Any, field_name: str, item: str | None = None) -> f
             value = float(value)
         except ValueError:
             raise ConfigError(field_name, item, f"{key} must be a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(field_name, item, f"{key} must be a number")
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(field_name, item, f"{key} must be a number")
+    if isinstance(value, int) and abs(value) > 2 ** 1023:  # beyond any float: the first step would fail
+        raise ConfigError(field_name, item, f"{key} is far too large a number")
     return value
 
 

@@ -30,7 +30,19 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, problem: str):
         self.key, self.value, self.problem = key, value, problem
-        super().__init__(f"{key}: {problem} (got {value!r})")
+        super().__init__(f"{key}: {problem} (got {shown(value)})")
+
+
+def shown(value: Any) -> str:
+    """repr(value), or a description when Python refuses to print it (an int of over 4300 digits)."""
+    try:
+        return repr(value)
+    except ValueError:
+        if isinstance(value, int):
+            return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+        return f"a {type(value).__name__} that cannot be shown"
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to show"
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,10 @@ def _as_number(p: Param, value: Any) -> float:
     if isinstance(value, bool):
         raise ConfigError(p.key, value, "expected a number, not true/false")
     if isinstance(value, (int, float)):
-        x = float(value)
+        try:
+            x = float(value)
+        except OverflowError:  # an int beyond any float
+            raise ConfigError(p.key, value, "is far too large a number") from None
     elif isinstance(value, str):
         try:
             x = float(value.strip())
@@ -139,9 +154,17 @@ def _str(p: Param, value: Any) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ConfigError(p.key, value, "expected text")
-    text = str(value)
+    try:
+        text = str(value)
+    except ValueError:  # an int of over 4300 digits
+        raise ConfigError(p.key, value, "is far too long a number") from None
     if "\x00" in text:
         raise ConfigError(p.key, value, "contains a NUL character")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a "\ud800" escape in JSON
+            raise ConfigError(p.key, value, f"contains an invalid character at position {exc.start}") from None
     if p.kind != "text":
         text = text.strip()
     if p.maximum is not None and len(text) > p.maximum:
@@ -178,7 +201,7 @@ def _blocks(p: Param, value: Any) -> list[str]:
         raise ConfigError(p.key, value, "expected a list of block IDs such as BASE, IN01, M00")
     wanted = set()
     for item in value:
-        name = str(item).strip().upper()
+        name = item.strip().upper() if isinstance(item, str) else None
         if name not in BLOCK_IDS:
             raise ConfigError(p.key, item, f"unknown block ID; known: {', '.join(BLOCK_IDS)}")
         wanted.add(name)

@@ -28,6 +28,10 @@ def read_json(path: Path, field: str = "preset") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(field, str(path), f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # a number json cannot convert, e.g. an integer of over 4300 digits
+        raise ConfigError(field, str(path), f"is not usable JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(field, str(path), "is not usable JSON: it nests too deeply") from None
 
 
 def preset_path(name_or_path: str | Path, folder: Path | None = None) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -180,7 +181,8 @@ def _check_torch_args(name: str, kwargs: dict[str, Any]) -> None:
     """Type checks the torch constructors leave to the first step."""
     for key in _WHOLE & kwargs.keys():
         value = kwargs[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (isinstance(value, float) and not math.isfinite(value)) or value != int(value) or value < 1:
             raise ConfigError(FIELD, f"{key}={value}", f"{key} must be a whole number of steps, 1 or more")
         kwargs[key] = int(value)
     if name == "multi_step":

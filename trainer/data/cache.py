@@ -29,6 +29,7 @@ from .variants import Pixels, Sample, mask_at, plan_variants, render_variant
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], Any]
+MIN_SIDE = 8  # pixels: one latent cell of the SD VAEs; a smaller image holds nothing to learn from
 
 
 @dataclass
@@ -38,7 +39,8 @@ class LatentDataset:
     samples: list[Sample]
     buckets: Buckets
     images: int = 0  # source images that gave samples
-    skipped: list[Path] = field(default_factory=list)  # unreadable files
+    skipped: list[Path] = field(default_factory=list)  # unreadable files, and those in too_small
+    too_small: list[Path] = field(default_factory=list)  # a side under MIN_SIDE pixels
     not_upscaled: list[Path] = field(default_factory=list)  # left out by image_disable_upscale
 
     def __len__(self) -> int:
@@ -170,9 +172,12 @@ def build_latent_dataset(items: Sequence[ImageItem], cfg: Any, bundle: Any, *, d
         enc.flush_all()
     data.samples = [enc.done[i] for i in sorted(enc.done)]
     if not data.samples:
+        left_out = [*data.skipped, *data.not_upscaled]
+        first = f" (first: {left_out[0]})" if left_out else ""
         raise ConfigError(DATA_KEY, getattr(cfg, DATA_KEY, "") or _data_folder(items),
-                          f"no usable images: {len(data.skipped)} unreadable, {len(data.not_upscaled)} "
-                          "smaller than their bucket with image_disable_upscale on")
+                          f"no usable images: {len(data.skipped) - len(data.too_small)} unreadable, "
+                          f"{len(data.too_small)} under {MIN_SIDE} px on a side, {len(data.not_upscaled)} "
+                          f"smaller than their bucket with image_disable_upscale on{first}")
     log.info("cached %d latents from %d images (%d unreadable, %d not upscaled)", len(data.samples),
              data.images, len(data.skipped), len(data.not_upscaled))
     return data
@@ -185,6 +190,11 @@ def _add_image(enc: LatentEncoder, item: ImageItem, cfg: Any, buckets: Buckets, 
     except UnreadableImage as exc:
         log.warning("skipping unreadable image %s (%s)", item.path, exc.__cause__ or exc)
         data.skipped.append(item.path)
+        return False
+    if min(rgb.size) < MIN_SIDE:
+        log.warning("skipping %s: %dx%d has a side under %d pixels", item.path, rgb.width, rgb.height, MIN_SIDE)
+        data.skipped.append(item.path)
+        data.too_small.append(item.path)
         return False
     variants = plan_variants(rgb.width, rgb.height, buckets, cfg.sub_image_num, cfg.image_mirroring)
     main = variants[0].bucket

@@ -27,7 +27,7 @@ from ..params import ConfigError
 from .batches import Batch, BucketBatches, collate_samples
 from .buckets import Bucket, Buckets, make_buckets
 from .cache import LatentDataset, LatentEncoder, PendingImage, vae_for_encoding
-from .images import UnreadableImage, load_image
+from .images import MAX_PIXELS, UnreadableImage, load_image
 from .scan import DATA_KEY, ImageItem, scan_images
 from .stop import check_stop
 from .variants import Sample, Variant, plan_variants, render_variant
@@ -80,9 +80,15 @@ def _stored_size(text: str, key: str) -> tuple[int, int]:
         raise ConfigError(key, text, "file does not exist")
     try:
         with Image.open(path) as img:
-            return img.size
+            width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise ConfigError(key, text, f"is too large to load safely: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise ConfigError(key, text, f"is not a readable image ({exc})") from exc
+    if width * height > MAX_PIXELS:  # also when a host lifted Pillow's own limit
+        raise ConfigError(key, text, f"is {width}x{height} = {width * height:,} pixels, more than the "
+                          f"{MAX_PIXELS:,} allowed (decompression-bomb guard)")
+    return width, height
 
 
 def _size_error(key: str, value: str, size: tuple[int, int], other: str, other_size: tuple[int, int]) -> ConfigError:

@@ -100,6 +100,11 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _unlistable(exc: OSError) -> None:
+    """os.walk's error hook: a folder that cannot be listed is an error, not silently empty."""
+    raise ConfigError(DATA_KEY, str(exc.filename), f"folder cannot be read: {exc.strerror or exc}") from exc
+
+
 def find_images(folder: Path | str) -> list[Path]:
     """Image files under ``folder`` (recursive, hidden files and folders skipped), sorted.
 
@@ -108,7 +113,7 @@ def find_images(folder: Path | str) -> list[Path]:
     """
     root = Path(folder)
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unlistable):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for name in filenames:
             if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
