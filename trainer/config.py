@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Mapping
 
+from .options import OPTION_CLASSES, DataOptions, GridOptions, LossOptions, NetworkOptions, StateOptions
 from .params import BLOCK_IDS, MODES, ConfigError, Param, coerce, export, param
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ SCHEDULERS = (
 )
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_ALIASES = (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16"), ("float", "fp32"), ("half", "fp16"))
-LOSSES = ("MSE", "L1", "Smooth-L1")
+LOSSES = ("MSE", "L1", "Smooth-L1", "Huber")
 ELEMENTS = ("Full", "CrossAttention", "SelfAttention")
 
 _DATA = ("LoRA", "Multi-ADDifT")
@@ -66,8 +67,8 @@ _PASS1_ONLY = frozenset({
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of one training job, with its TrainTrain default."""
+class TrainConfig(NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions):
+    """Every setting of one training job, with its TrainTrain default (options/ adds the rest)."""
 
     mode: str = param("choice", "LoRA", "Mode", "What to train: LoRA from images, iLECO from prompts, Difference/ADDifT from image pairs.", choices=MODES, section=REQ)
     model: str = param("path", "", "Model", "Checkpoint file or diffusers folder; empty uses the loaded/default model.", section=REQ)
@@ -109,7 +110,7 @@ class TrainConfig:
     train_seed: int = param("int", -1, "Seed", "-1 draws a seed and records it.", minimum=-1, maximum=2**63 - 1)
     train_min_timesteps: int = param("int", 0, "Min timestep", "Lowest timestep sampled.", minimum=0, maximum=999)
     train_max_timesteps: int = param("int", 1000, "Max timestep", "Timesteps are sampled below this.", minimum=1, maximum=1000)
-    train_loss_function: str = param("choice", "MSE", "Loss", "MSE, L1 or Smooth-L1 (Huber).", choices=LOSSES, aliases=(("huber", "Smooth-L1"), ("smooth_l1", "Smooth-L1")))
+    train_loss_function: str = param("choice", "MSE", "Loss", "MSE, L1, or Huber / Smooth-L1 (see huber_c and huber_schedule).", choices=LOSSES, aliases=(("huber", "Huber"), ("smooth_l1", "Smooth-L1"), ("l2", "MSE")))
     train_lr_step_rules: str = param("str", "", "Step rules", "For piecewise_constant/step: 'mult:steps,...,mult', e.g. 1:100,0.5:200,0.1.")
     train_lr_warmup_steps: int = param("int", 0, "Warmup steps", "Linear warmup at the start.", minimum=0, maximum=10_000_000)
     train_lr_scheduler_num_cycles: int = param("int", 1, "Cycles", "Restarts for cosine_with_restarts.", minimum=1, maximum=10_000)
@@ -146,8 +147,10 @@ class TrainConfig:
     # ---- schema access -------------------------------------------------
     @classmethod
     def params(cls) -> Iterator[tuple[str, Param]]:
-        """(attribute name, Param) for every setting, in UI order."""
-        for f in fields(cls):
+        """(attribute name, Param) for every setting, in UI order: TrainTrain's own, then options/."""
+        own = cls.__dict__.get("__annotations__", {})
+        rank = {name: i for i, c in enumerate(OPTION_CLASSES, start=1) for name in c.__dict__.get("__annotations__", {})}
+        for f in sorted(fields(cls), key=lambda f: 0 if f.name in own else rank.get(f.name, len(rank) + 1)):
             kw = f.metadata.get("param_kw")
             if kw is not None:
                 kw = dict(kw)
@@ -243,6 +246,8 @@ class TrainConfig:
         parse_settings(self.train_lr_scheduler_settings, "train_lr_scheduler_settings")
         if self.train_lr_step_rules:
             parse_step_rules(self.train_lr_step_rules)
+        for options in OPTION_CLASSES:
+            options.check(self)
         return self
 
     @property

@@ -125,6 +125,10 @@ class Trainer:
             for network in reversed(frozen):
                 network.remove()
             devices.empty_cache(self.device)
+        if self.cfg.eval_grid and result.saved:  # on the plain model again, its saves applied one by one
+            from .evalgrid import render_grid
+
+            render_grid(self, bundle, specs, result)
 
     def make_context(self, spec: PassSpec, bundle, network, model_dtype: torch.dtype, seed: int,
                      frozen: list) -> StepContext:

@@ -6,6 +6,7 @@ belong to the engine; no mode re-implements them.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Protocol
 
@@ -58,6 +59,7 @@ class StepContext:
     frozen: list = field(default_factory=list)  # networks of earlier passes, still applied
     state: dict[str, Any] = field(default_factory=dict)
     spec: PassSpec | None = None             # the pass being trained
+    shard: slice | None = None               # data-parallel: this rank's rows of each combined batch
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -128,11 +130,30 @@ def denoising_loss(ctx: StepContext, latents: torch.Tensor, cond: Any, time_ids:
     """The standard objective: noise the latents, predict epsilon (or v), weighted loss."""
     noise = noise_like(latents, offset=ctx.cfg.noise_offset, generator=ctx.generator)
     timesteps = draw_timesteps(ctx, latents.shape[0])
+    # Every rank draws the whole batch's noise, then keeps its rows: N ranks equal one process.
+    latents, noise, timesteps, time_ids, mask, cond = take_shard(ctx, latents, noise, timesteps, time_ids, mask, cond)
     noisy = ctx.bundle.noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet_predict(ctx, noisy, timesteps, cond, time_ids)
     target = training_target(ctx.bundle.noise_scheduler, latents, noise, timesteps, ctx.bundle.v_pred)
     loss, _ = ctx.state["loss"](pred.float(), target, timesteps, mask)
     return loss
+
+
+def take_shard(ctx: StepContext, *items: Any) -> tuple:
+    """This rank's rows of each batch tensor (and of a Cond's tensors); all of them without a shard."""
+    if ctx.shard is None:
+        return items
+    rows = ctx.shard
+
+    def take(item: Any) -> Any:
+        if item is None:
+            return None
+        if isinstance(item, torch.Tensor):
+            return item[rows]
+        pooled = None if item.pooled is None else item.pooled[rows]
+        return dataclasses.replace(item, hidden=item.hidden[rows], pooled=pooled)
+
+    return tuple(take(item) for item in items)
 
 
 def tag_frequency(captions: list[str], folder_name: str = "data") -> dict[str, dict[str, int]]:
