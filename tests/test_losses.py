@@ -111,12 +111,15 @@ def test_min_snr_weights_by_hand():
 DIFFS = torch.tensor([[0.5, 2.0, -3.0, 0.1], [1.0, -0.2, 0.0, 4.0]])
 
 
-def _hand(kind: str, d: float) -> float:
+def _hand(kind: str, d: float, c: float = 0.1) -> float:
+    """diffusion_loss's defaults for the Huber kinds: the constant schedule, c = 0.1."""
     if kind == "MSE":
         return d * d
     if kind == "L1":
         return abs(d)
-    return 0.5 * d * d if abs(d) < 1 else abs(d) - 0.5
+    if kind == "Huber":
+        return 2 * c * (math.sqrt(d * d + c * c) - c)
+    return 2 * (math.sqrt(d * d + c * c) - c)
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
@@ -193,8 +196,8 @@ def test_precomputed_loss_matches_the_function(kind, v_pred, gamma):
 
 def test_unknown_loss_kind():
     with pytest.raises(ConfigError) as err:
-        DiffusionLoss("Huber", ALPHAS, snr_gamma=0.0, v_pred=False, device="cpu")
-    assert err.value.key == "train_loss_function" and err.value.value == "Huber"
+        DiffusionLoss("Charbonnier", ALPHAS, snr_gamma=0.0, v_pred=False, device="cpu")
+    assert err.value.key == "train_loss_function" and err.value.value == "Charbonnier"
 
 
 def test_ema_starts_at_the_first_loss():

@@ -1,6 +1,7 @@
 """ModelBundle: everything a training job needs from one Stable Diffusion model."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,3 +73,23 @@ class ModelBundle:
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae, *self.text_encoders]
+
+    def training_scheduler(self, zero_terminal_snr: bool = False) -> Any:
+        """The noise schedule to train with: the bundle's own, or a zero-terminal-SNR copy
+        (the bundle's scheduler, shared with sampling and the host, is never changed)."""
+        if not zero_terminal_snr:
+            return self.noise_scheduler
+        return zero_terminal_snr_copy(self.noise_scheduler)
+
+
+def zero_terminal_snr_copy(scheduler: Any) -> Any:
+    """A copy of a DDPM-style scheduler whose betas are rescaled so that ᾱ at the last timestep is 0
+    ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1), the first ᾱ kept."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    rescaled = copy.deepcopy(scheduler)
+    betas = rescale_zero_terminal_snr(scheduler.betas.to(torch.float32).cpu())
+    rescaled.betas = betas
+    rescaled.alphas = 1.0 - betas
+    rescaled.alphas_cumprod = torch.cumprod(rescaled.alphas, dim=0)
+    return rescaled

@@ -14,6 +14,10 @@ no_grad. The multiplier 0.25 is TrainTrain's, so a saved file at weight 1.0 carr
 the loss is averaged only over latent cells where the pair differs.
 ``diff_revert_original_target`` swaps original and target (captions included).
 
+The loss options apply as in the other modes (loss kind and Huber schedule, min-SNR and
+debiased weights, zero-terminal SNR, offset and multires noise), except ``ip_noise_gamma``:
+the objective compares two predictions on the same noise, not a prediction with that noise.
+
 ADDifT takes the pair from ``diff_original_image`` / ``diff_target_image`` with the
 original and target prompts; Multi-ADDifT takes every ``x`` / ``x<diff_target_name>``
 pair of ``lora_data_directory``, with each image's own caption.
@@ -25,9 +29,8 @@ import torch
 from ..config import TrainConfig
 from ..data import TextCache
 from ..data.pairs import PairBatches, PairDataset, check_pair_files, find_pairs, folder_pairs, single_pair
-from ..losses import noise_like
-from .base import (PassInfo, PassSpec, StepContext, batch_time_ids, draw_timesteps, make_loss, tag_frequency,
-                   unet_predict)
+from .base import (PassInfo, PassSpec, StepContext, batch_time_ids, draw_noise, draw_timesteps, make_loss,
+                   tag_frequency, train_scheduler, unet_predict)
 
 TRAIN_MULTIPLIER = 0.25  # TrainTrain's ADDifT multiplier while training
 
@@ -92,13 +95,13 @@ class AddiftMode:
         pb = next(st["batches"])
         orig = pb.orig.latents.to(ctx.device, torch.float32)
         targ = pb.targ.latents.to(ctx.device, torch.float32)
-        noise = noise_like(orig, offset=cfg.noise_offset, generator=ctx.generator)
+        noise = draw_noise(ctx, orig)
         timesteps = draw_timesteps(ctx, orig.shape[0])
         swapped = swapped_step(step, cfg.diff_alt_ratio)
         base_in, net_in = (targ, orig) if swapped else (orig, targ)
         if swapped and cfg.diff_alt_ratio < 0:
             base_in = net_in = noise
-        add_noise = ctx.bundle.noise_scheduler.add_noise
+        add_noise = train_scheduler(ctx).add_noise
         with torch.no_grad(), ctx.network.disabled():
             base = unet_predict(ctx, add_noise(base_in, noise, timesteps), timesteps,
                                 st["text"].get(pb.orig.captions), batch_time_ids(ctx, pb.orig))

@@ -7,6 +7,7 @@ belong to the engine; no mode re-implements them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Protocol
 
@@ -15,7 +16,10 @@ import torch
 from ..bundle import ModelBundle
 from ..config import TrainConfig
 from ..events import StopFlag
-from ..losses import DiffusionLoss, noise_like, sample_timesteps, training_target
+from ..losses import DiffusionLoss, sample_timesteps, training_target
+from ..noise import input_perturbation, noise_like
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,14 +65,6 @@ class StepContext:
     spec: PassSpec | None = None             # the pass being trained
     shard: slice | None = None               # data-parallel: this rank's rows of each combined batch
 
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        cached = self.state.get("_alphas")
-        if cached is None:
-            cached = self.bundle.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
-            self.state["_alphas"] = cached
-        return cached
-
     def should_stop(self) -> bool:
         return self.stop.requested
 
@@ -101,10 +97,33 @@ def unet_predict(ctx: StepContext, noisy: torch.Tensor, timesteps: torch.Tensor,
 
 
 def make_loss(ctx: StepContext) -> DiffusionLoss:
-    """The pass's loss function (kind, min-SNR weights) on the training device."""
+    """The pass's loss function (kind, Huber schedule, min-SNR and debiased weights) on the training device."""
     cfg = ctx.cfg
-    return DiffusionLoss(cfg.train_loss_function, ctx.bundle.noise_scheduler.alphas_cumprod,
-                         snr_gamma=cfg.train_snr_gamma, v_pred=ctx.bundle.v_pred, device=ctx.device)
+    return DiffusionLoss(cfg.train_loss_function, train_scheduler(ctx).alphas_cumprod,
+                         snr_gamma=cfg.train_snr_gamma, v_pred=ctx.bundle.v_pred, device=ctx.device,
+                         debiased=cfg.train_debiased_estimation, c=cfg.huber_c, schedule=cfg.huber_schedule)
+
+
+def train_scheduler(ctx: StepContext) -> Any:
+    """The pass's training noise schedule (a zero-terminal-SNR copy when asked), made once per pass."""
+    cached = ctx.state.get("_train_scheduler")
+    if cached is None:
+        cached = ctx.bundle.training_scheduler(ctx.cfg.zero_terminal_snr)
+        ctx.state["_train_scheduler"] = cached
+        if ctx.cfg.zero_terminal_snr and not ctx.bundle.v_pred:
+            # As kohya's sd-scripts: allowed, but an epsilon model cannot predict at zero SNR.
+            message = "zero_terminal_snr is meant for v-prediction models; this model predicts epsilon"
+            log.warning(message)
+            ctx.report(message, 0, 0)
+    return cached
+
+
+def draw_noise(ctx: StepContext, latents: torch.Tensor) -> torch.Tensor:
+    """The whole batch's noise with the pass's offset / multires settings, from the pass's generator."""
+    cfg = ctx.cfg
+    return noise_like(latents, offset=cfg.noise_offset, offset_random=cfg.noise_offset_random_strength,
+                      multires_iterations=cfg.multires_noise_iterations,
+                      multires_discount=cfg.multires_noise_discount, generator=ctx.generator)
 
 
 def draw_timesteps(ctx: StepContext, batch: int) -> torch.Tensor:
@@ -127,14 +146,24 @@ def batch_time_ids(ctx: StepContext, batch: Any) -> torch.Tensor | None:
 
 def denoising_loss(ctx: StepContext, latents: torch.Tensor, cond: Any, time_ids: torch.Tensor | None = None,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The standard objective: noise the latents, predict epsilon (or v), weighted loss."""
-    noise = noise_like(latents, offset=ctx.cfg.noise_offset, generator=ctx.generator)
+    """The standard objective: noise the latents, predict epsilon (or v), weighted loss.
+
+    With ip_noise_gamma the U-Net's input is noised with noise + γ·ξ (ξ a fresh N(0,1)),
+    while the target stays the original noise (or the velocity made from it)."""
+    cfg = ctx.cfg
+    noise = draw_noise(ctx, latents)
     timesteps = draw_timesteps(ctx, latents.shape[0])
+    input_noise = noise
+    if cfg.ip_noise_gamma > 0:
+        input_noise = noise + input_perturbation(noise, cfg.ip_noise_gamma, generator=ctx.generator,
+                                                 random_strength=cfg.ip_noise_gamma_random_strength)
     # Every rank draws the whole batch's noise, then keeps its rows: N ranks equal one process.
-    latents, noise, timesteps, time_ids, mask, cond = take_shard(ctx, latents, noise, timesteps, time_ids, mask, cond)
-    noisy = ctx.bundle.noise_scheduler.add_noise(latents, noise, timesteps)
+    latents, noise, input_noise, timesteps, time_ids, mask, cond = take_shard(
+        ctx, latents, noise, input_noise, timesteps, time_ids, mask, cond)
+    scheduler = train_scheduler(ctx)
+    noisy = scheduler.add_noise(latents, input_noise, timesteps)
     pred = unet_predict(ctx, noisy, timesteps, cond, time_ids)
-    target = training_target(ctx.bundle.noise_scheduler, latents, noise, timesteps, ctx.bundle.v_pred)
+    target = training_target(scheduler, latents, noise, timesteps, ctx.bundle.v_pred)
     loss, _ = ctx.state["loss"](pred.float(), target, timesteps, mask)
     return loss
 

@@ -5,9 +5,14 @@ Each step draws pure-noise latents of ``image_size`` and a timestep, and trains
     loss = w(t) · ‖ε̂_net(z, t, c_orig) − sg[ε̂_base(z, t, c_target)]‖²
 
 where ε̂_base is the same U-Net with the network unhooked (multiplier 0, no grad)
-and w(t) the min-SNR weight when ``train_snr_gamma`` > 0. An empty target prompt
-erases the concept: it moves toward what the model does for the empty prompt.
+and w(t) the min-SNR (``train_snr_gamma`` > 0) and debiased-estimation weights. An
+empty target prompt erases the concept: it moves toward what the model does for the
+empty prompt.
 Prompts are encoded once; the text encoder never trains here.
+
+The loss kind and Huber schedule, min-SNR and debiased weights and zero-terminal SNR (through
+those weights) apply; the noise options do not, since z is the input itself, not noise added
+to data, and the target is a prediction, not that noise.
 """
 from __future__ import annotations
 
