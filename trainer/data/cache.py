@@ -21,8 +21,8 @@ import torch
 from ..devices import compute_dtype
 from ..params import ConfigError
 from .buckets import Bucket, Buckets, make_buckets
-from .images import UnreadableImage, load_image, needs_upscale
-from .scan import DATA_KEY, ImageItem
+from .images import UnreadableImage, load_image, load_mask, needs_upscale
+from .scan import DATA_KEY, ImageItem, mask_file
 from .stop import check_stop
 from .variants import Pixels, Sample, mask_at, plan_variants, render_variant
 
@@ -149,7 +149,8 @@ def build_latent_dataset(items: Sequence[ImageItem], cfg: Any, bundle: Any, *, d
     """Load, bucket, render and VAE-encode every variant of every image, once.
 
     ``cfg`` supplies image_size, image_buckets_step, image_min_length, image_max_ratio,
-    sub_image_num, image_mirroring, image_disable_upscale and train_VAE_precision.
+    sub_image_num, image_mirroring, image_disable_upscale, train_VAE_precision and
+    masked_loss (then a ``<stem>_mask.png`` next to an image replaces its alpha as the mask).
     ``multiple`` defaults to ``bundle.latent_multiple``. ``progress(done, total)`` is
     called after each image, ``should_stop()`` before each (raising Stopped).
     Unreadable images are skipped with a warning; ConfigError when none remain.
@@ -178,6 +179,8 @@ def build_latent_dataset(items: Sequence[ImageItem], cfg: Any, bundle: Any, *, d
                           f"no usable images: {len(data.skipped) - len(data.too_small)} unreadable, "
                           f"{len(data.too_small)} under {MIN_SIDE} px on a side, {len(data.not_upscaled)} "
                           f"smaller than their bucket with image_disable_upscale on{first}")
+    if cfg.masked_loss and all(s.mask is None for s in data.samples):
+        log.warning("masked_loss is on but no image has transparency or a _mask.png: the loss is not weighted")
     log.info("cached %d latents from %d images (%d unreadable, %d not upscaled)", len(data.samples),
              data.images, len(data.skipped), len(data.not_upscaled))
     return data
@@ -191,6 +194,9 @@ def _add_image(enc: LatentEncoder, item: ImageItem, cfg: Any, buckets: Buckets, 
         log.warning("skipping unreadable image %s (%s)", item.path, exc.__cause__ or exc)
         data.skipped.append(item.path)
         return False
+    found = mask_file(item.path) if cfg.masked_loss else None
+    if found is not None:
+        mask = load_mask(found, rgb.size)
     if min(rgb.size) < MIN_SIDE:
         log.warning("skipping %s: %dx%d has a side under %d pixels", item.path, rgb.width, rgb.height, MIN_SIDE)
         data.skipped.append(item.path)

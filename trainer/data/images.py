@@ -104,6 +104,31 @@ def load_image(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> tuple[Image
         img.close()
 
 
+def load_mask(path: Path | str, size: tuple[int, int], *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """A grayscale mask file (white = learn, black = ignore) as [1, H, W] in 0..1 at ``size`` (w, h).
+
+    It is made upright like its image, then resized to the image's size when it differs,
+    so it follows the image through bucketing. A file that cannot be read is a
+    ConfigError naming it: training with a silently missing mask would learn the wrong area.
+    """
+    path = Path(path)
+    try:
+        img = _open(path, max_pixels)
+    except UnreadableImage as exc:
+        raise ConfigError(DATA_KEY, str(path), f"mask cannot be read ({exc.__cause__ or exc})") from exc
+    try:
+        gray = ImageOps.exif_transpose(img)
+        gray = _wide_to_l(gray) if gray.mode.startswith("I") or gray.mode == "F" else gray.convert("L")
+    finally:
+        img.close()
+    if gray.size != tuple(size):
+        if abs(gray.width / gray.height - size[0] / size[1]) > 0.02 * size[0] / size[1]:
+            log.warning("%s: mask is %dx%d, its image %dx%d; stretching the mask to fit", path,
+                        gray.width, gray.height, *size)
+        gray = gray.resize(tuple(size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(gray, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
 def cover_geometry(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int, int, int]:
     """(resized_w, resized_h, crop_top, crop_left) for resize-to-cover then centre crop."""
     scale = max(target_w / width, target_h / height)

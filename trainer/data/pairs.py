@@ -114,7 +114,8 @@ def find_pairs(folder: str, suffix: str, *, trigger: str = "", use_filename: boo
     if not suffix:
         raise ConfigError(SUFFIX_KEY, suffix, "is empty; give the suffix that marks target images, "
                           "e.g. _closed for img1.png / img1_closed.png")
-    items = scan_images(folder, trigger=trigger, use_filename=use_filename)
+    # keep_masks: "_mask" may be the target suffix here, not a loss mask
+    items = scan_images(folder, trigger=trigger, use_filename=use_filename, keep_masks=True)
     by_stem = {(i.path.parent, i.path.stem): i for i in items}
     pairs = []
     for item in items:

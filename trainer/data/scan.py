@@ -15,6 +15,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp", ".pcx", ".ico",
 )
 CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption")  # first found wins
+MASK_SUFFIX = "_mask.png"  # <stem>_mask.png is the loss mask of <stem>.<ext>, never a training image
 _ID_MARK = "_id_"
 
 
@@ -100,15 +101,32 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def is_mask_file(name: str) -> bool:
+    """True for a loss-mask file name (``*_mask.png``, any case)."""
+    return name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_file(image_path: Path | str) -> Path | None:
+    """The image's ``<stem>_mask.png`` (also ``_mask.PNG`` / ``_MASK.PNG``), else None."""
+    path = Path(image_path)
+    for suffix in (MASK_SUFFIX, "_mask.PNG", MASK_SUFFIX.upper()):
+        candidate = path.with_name(path.stem + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _unlistable(exc: OSError) -> None:
     """os.walk's error hook: a folder that cannot be listed is an error, not silently empty."""
     raise ConfigError(DATA_KEY, str(exc.filename), f"folder cannot be read: {exc.strerror or exc}") from exc
 
 
-def find_images(folder: Path | str) -> list[Path]:
+def find_images(folder: Path | str, *, keep_masks: bool = False) -> list[Path]:
     """Image files under ``folder`` (recursive, hidden files and folders skipped), sorted.
 
     Extensions match case-insensitively. Links to folders are not followed (no loops).
+    Loss masks (``*_mask.png``) are not training images and are left out, unless
+    ``keep_masks`` (for callers that give such names another meaning).
     Order is by path relative to ``folder`` so it is the same on every machine.
     """
     root = Path(folder)
@@ -116,13 +134,19 @@ def find_images(folder: Path | str) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=_unlistable):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for name in filenames:
-            if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if _is_hidden(name) or (is_mask_file(name) and not keep_masks):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(Path(dirpath) / name)
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
-def scan_images(folder: Path | str, *, trigger: str = "", use_filename: bool = False) -> list[ImageItem]:
-    """Every image under ``folder`` with its caption; ConfigError when there is nothing to train on."""
+def scan_images(folder: Path | str, *, trigger: str = "", use_filename: bool = False,
+                keep_masks: bool = False) -> list[ImageItem]:
+    """Every image under ``folder`` with its caption; ConfigError when there is nothing to train on.
+
+    ``keep_masks`` also lists ``*_mask.png`` files (see find_images).
+    """
     text = str(folder).strip() if folder is not None else ""
     if not text:
         raise ConfigError(DATA_KEY, folder, "no image folder given")
@@ -131,7 +155,7 @@ def scan_images(folder: Path | str, *, trigger: str = "", use_filename: bool = F
         raise ConfigError(DATA_KEY, text, "folder does not exist")
     if not root.is_dir():
         raise ConfigError(DATA_KEY, text, "is not a folder")
-    paths = find_images(root)
+    paths = find_images(root, keep_masks=keep_masks)
     if not paths:
         exts = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
         raise ConfigError(DATA_KEY, text, f"folder has no images ({exts}), also searching subfolders")

@@ -32,7 +32,7 @@ class Sample:
     bucket: Bucket  # (width, height) in pixels
     original_size: tuple[int, int]  # (height, width) of the source image, upright
     crop_top_left: tuple[int, int]  # in the resized image, as SDXL conditions on it
-    mask: torch.Tensor | None  # [1, h/8, w/8] alpha in 0..1, or None when opaque
+    mask: torch.Tensor | None  # [1, h/8, w/8] in 0..1: alpha, or <stem>_mask.png with masked_loss; None when neither
     source: Path
     sub_index: int = 0
     mirrored: bool = False
