@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import devices
+from .ema_weights import EmaWeights, applied
 from .events import JobStopped
 from .losses import Ema
 from .modes.base import PassInfo, PassSpec
-from .outputs import OutputPlan
+from .outputs import OutputPlan, find_network_file
 from .params import ConfigError
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ class PassRunner:
         self.training = False  # True once the step loop runs (for messages)
         self.csv = None
         self._written: set[Path] = set()
+        self.resume_file: Path | None = None  # the network_resume file, once found
+        self.resume = None  # its ResumeState when a <name>-state/ folder is next to it
+        self.live = None  # trainstate.Live while the step loop runs (for save_state)
 
     # ---- set-up ----------------------------------------------------------
     def _build_network(self):
@@ -48,18 +52,17 @@ class PassRunner:
         source = self.spec.load_from or self.cfg.network_resume
         if source:
             field = "diff_load_1st_pass" if self.spec.load_from else "network_resume"
-            path = Path(source).expanduser()
-            if not path.is_file():
-                alt = self.t.host.lora_dir() / (source if source.endswith(".safetensors") else f"{source}.safetensors")
-                if not alt.is_file():
-                    network.remove()
-                    raise ConfigError(field, source, f"no such file (also looked in {self.t.host.lora_dir()})")
-                path = alt
+            path = find_network_file(source, self.t.host.lora_dir())
+            if path is None:
+                network.remove()
+                raise ConfigError(field, source, f"no such file (also looked in {self.t.host.lora_dir()})")
             try:
                 network.load_weights(path)
             except BaseException:
                 network.remove()
                 raise
+            if not self.spec.load_from:
+                self.resume_file = path
         return network
 
     def _place_modules(self, trains_te: bool) -> None:
@@ -98,6 +101,13 @@ class PassRunner:
                 return self._frozen(network) if keep else None
             # optimizer first: a bad setting fails before minutes of caching
             opt, sched = self._optimizer(network)
+            if self.resume_file is not None:
+                from .resumestate import open_resume
+                from .trainstate import trainable
+
+                self.resume = open_resume(self.resume_file, self.cfg)
+                if self.resume is not None:
+                    self.resume.restore_training(trainable(opt), opt, sched)
             self.info = self.mode.prepare(ctx)
             self._train(ctx, network, opt, sched, result)
             keep = self.spec.keep_applied
@@ -134,6 +144,19 @@ class PassRunner:
             step_rules=c.train_lr_step_rules, settings_text=c.train_lr_scheduler_settings)
         return opt, sched
 
+    def _start_loop(self, ctx, opt, sched, scaler) -> int:
+        """EMA, batch counting and a resumed state in place; returns the first step to train."""
+        from .trainstate import Live, track_batches, trainable
+
+        ema = EmaWeights(trainable(opt), self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
+        self.live = Live(ctx, opt, sched, scaler, ema, track_batches(ctx.state))
+        if self.resume is None:
+            return 1
+        self.resume.restore_loop(ema, scaler)
+        self.resume.restore_data(ctx, self.live.batches)
+        self.steps_done = self.resume.step
+        return self.resume.step + 1
+
     def _open_log(self, n_lrs: int) -> None:
         from .runlog import CsvLog, HEADER_KEYS, log_path
 
@@ -143,6 +166,8 @@ class PassRunner:
         header["model_version"] = self.bundle.model_version
         header["train_seed"] = self.seed
         header["network_type"] = self.cfg.network_type
+        if self.resume is not None:
+            header["resumed_from_step"] = self.resume.step
         from .fsutil import unique_path
 
         # two jobs of one name may start within the same second
@@ -151,6 +176,7 @@ class PassRunner:
 
     def _train(self, ctx, network, opt, sched, result: "RunResult") -> None:
         scaler = torch.amp.GradScaler(self.t.device.type) if self.model_dtype == torch.float16 else None
+        first = self._start_loop(ctx, opt, sched, scaler)
         self._open_log(len(opt.param_groups))
         if self.csv is not None:
             result.logs.append(self.csv.path)
@@ -158,9 +184,10 @@ class PassRunner:
         ema, times = Ema(), deque(maxlen=20)
         total = self.cfg.train_iterations
         result.loss_first = result.loss_last = None  # the job's losses are those of its last trained pass
-        self.t.emit(phase="training", step=0, total=total, message=self.spec.label or "training")
+        result.steps = first - 1
+        self.t.emit(phase="training", step=first - 1, total=total, message=self.spec.label or "training")
         self.training = True
-        for step in range(1, total + 1):
+        for step in range(first, total + 1):
             if self.t.stop.requested:
                 self._stopped(network, opt, result)
             tick = time.perf_counter()
@@ -176,6 +203,8 @@ class PassRunner:
                 opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if self.live.ema is not None:
+                self.live.ema.update()
             self.steps_done = result.steps = step
             smooth = ema.update(raw)
             if result.loss_first is None:
@@ -223,10 +252,16 @@ class PassRunner:
             self.cfg, self.bundle, seed=self.seed, steps=self.steps_done, started_at=self.started,
             finished_at=time.time(), num_images=self.info.num_images, tag_frequency=self.info.tag_frequency,
             resolution=tuple(self.info.resolution), extra_settings={"train_seed": self.seed})
-        # schedule-free optimizers hold their averaged weights only in eval mode
-        with eval_weights(opt):
+        overwrite = self.cfg.save_overwrite or path in self._written
+        # schedule-free optimizers hold their averaged weights only in eval mode; EMA weights replace them
+        with eval_weights(opt), applied(self.live.ema if self.live else None):
             network.save(path, dtype=devices.DTYPES[self.cfg.save_precision], metadata=meta,
-                         overwrite=self.cfg.save_overwrite or path in self._written, strength=self.cfg.network_strength)
+                         overwrite=overwrite, strength=self.cfg.network_strength)
+        if self.cfg.save_state and self.live is not None:
+            from .outputs import state_path
+            from .trainstate import write_state
+
+            write_state(state_path(path), self.live, self.cfg, self.steps_done, path, overwrite)
         self._written.add(path)
         result.saved.append(path)
         if final:

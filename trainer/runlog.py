@@ -2,6 +2,8 @@
 
 Loss is the EMA (α = 0.1) TrainTrain shows; "Raw Loss" is appended last so
 TrainTrain's own plot still finds Step and Loss in the first two columns.
+The header's "ema_decay" row says whether the saved files hold EMA weights (0: raw
+weights); a resumed run adds "resumed_from_step" and its rows start at that step + 1.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any, Sequence
 from .paths import logs_dir
 
 HEADER_KEYS = ("network_rank", "network_alpha", "train_learning_rate", "train_iterations",
-               "train_lr_scheduler", "model_version", "train_optimizer", "save_lora_name")
+               "train_lr_scheduler", "model_version", "train_optimizer", "save_lora_name", "ema_decay")
 RAW = "Raw Loss"
 
 

@@ -82,9 +82,39 @@ class BucketBatches:
         """Stack samples (all from one bucket) into a Batch."""
         return collate_samples([self.dataset.samples[i] for i in indices], self.epoch)
 
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            plan = self._epoch_plan()
-            self.epoch += 1
-            for indices in plan:
-                yield self.collate(indices)
+    def __iter__(self) -> "BatchStream":
+        return BatchStream(self)
+
+
+class BatchStream(Iterator[Batch]):
+    """The endless iterator of a BucketBatches; counts what it gave and can skip ahead.
+
+    ``skip(k)`` draws the same epoch plans as k calls of ``next`` but stacks no tensors,
+    so a resumed run reaches batch k + 1 in the order an uninterrupted run would have.
+    """
+
+    def __init__(self, source: BucketBatches):
+        self.source = source
+        self.position = 0  # batches given (or skipped) so far
+        self._plan: list[list[int]] = []
+        self._next = 0  # index in _plan of the next batch
+
+    def _next_indices(self) -> list[int]:
+        if self._next >= len(self._plan):  # the next epoch is planned only when needed, as before
+            self._plan = self.source._epoch_plan()
+            self.source.epoch += 1
+            self._next = 0
+        indices = self._plan[self._next]
+        self._next += 1
+        self.position += 1
+        return indices
+
+    def __next__(self) -> Batch:
+        return self.source.collate(self._next_indices())
+
+    def skip(self, count: int) -> None:
+        """Advance past ``count`` batches without collating them."""
+        if count < 0:
+            raise ValueError(f"cannot skip {count} batches")
+        for _ in range(count):
+            self._next_indices()
