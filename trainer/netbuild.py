@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -47,6 +47,7 @@ class NetworkSpec:
     blocks: tuple[str, ...]
     element: str
     train_text_encoder: bool
+    block_dims: tuple[tuple[str, int], ...] = ()  # (block ID, rank) where it differs from `rank`
 
     @property
     def algo(self) -> str:
@@ -72,14 +73,38 @@ class NetworkSpec:
             raise ConfigError("network_type", cfg.network_type, f"expected one of {', '.join(ALGOS)}")
         if cfg.network_dora and cfg.network_type not in ("lierla", "c3lier"):
             raise ConfigError("network_dora", True, f"DoRA works with lierla and c3lier, not {cfg.network_type}")
+        from .blockctl import block_dims
+
         te = cfg.trains_text_encoder if train_text_encoder is None else bool(train_text_encoder)
+        dims = tuple(sorted((b, d) for b, d in block_dims(cfg).items() if d != int(cfg.network_rank)))
         return cls(
             network_type=cfg.network_type, rank=int(cfg.network_rank), alpha=float(cfg.network_alpha),
             conv_rank=int(cfg.network_conv_rank or cfg.network_rank),
             conv_alpha=float(cfg.network_conv_alpha or cfg.network_alpha),
             dora=bool(cfg.network_dora), blocks=tuple(cfg.network_blocks),
-            element=cfg.network_element, train_text_encoder=te,
+            element=cfg.network_element, train_text_encoder=te, block_dims=dims,
         )
+
+    def rank_groups(self) -> list["NetworkSpec"]:
+        """One spec per distinct rank, each covering its blocks; the first holds the rest.
+
+        Alpha keeps the alpha/rank ratio of the base settings, so a block's
+        update has the same scale whatever its rank.
+        """
+        by_dim: dict[int, list[str]] = {}
+        for bid, dim in self.block_dims:
+            if bid in self.blocks:
+                by_dim.setdefault(dim, []).append(bid)
+        moved = {b for group in by_dim.values() for b in group}
+        base = replace(self, blocks=tuple(b for b in self.blocks if b not in moved), block_dims=(),
+                       train_text_encoder=self.train_text_encoder and "BASE" not in moved)
+        specs = [base]
+        for dim, blocks in sorted(by_dim.items()):
+            specs.append(replace(
+                base, blocks=tuple(blocks), train_text_encoder=self.train_text_encoder and "BASE" in blocks,
+                rank=dim, alpha=self.alpha * dim / self.rank,
+                conv_rank=dim, conv_alpha=self.conv_alpha * dim / self.conv_rank))
+        return specs
 
 
 def text_encoder_root(te: torch.nn.Module) -> torch.nn.Module:
@@ -156,24 +181,46 @@ def _skip_fn(family: str, spec: NetworkSpec) -> Callable[[str], bool]:
 
 
 def create_lycoris(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
-    """Construct (not yet applied) the LyCORIS network for `bundle`."""
-    tes = [text_encoder_root(te) for te in bundle.text_encoders] if spec.with_text_encoder else []
-    preset = {
+    """Construct (not yet applied) the LyCORIS network for `bundle`.
+
+    Blocks with their own rank are built as separate networks of that rank
+    whose modules then join the first one: kohya files keep per-module shapes,
+    so the result saves and loads like any other network.
+    """
+    specs = spec.rank_groups()
+    preset = _preset_for(bundle, spec)
+    with _lycoris_preset(preset):
+        nets = [_construct(bundle, s) for s in specs]
+    main = nets[0]
+    if len(nets) > 1:
+        order = {"lora_unet_" + n.replace(".", "_"): i for i, (n, _) in enumerate(bundle.unet.named_modules())}
+        main.text_encoder_loras = [m for net in nets for m in net.text_encoder_loras]
+        main.unet_loras = sorted((m for net in nets for m in net.unet_loras), key=lambda m: order[m.lora_name])
+        main.loras = main.text_encoder_loras + main.unet_loras
+    return main
+
+
+def _preset_for(bundle, spec: NetworkSpec) -> dict:
+    return {
         "enable_conv": spec.trains_convs,
         "unet_target_module": list(TRANSFORMER_TARGETS + (CONV_TARGETS if spec.trains_convs else ())),
         "unet_target_name": [],
-        "text_encoder_target_module": text_encoder_targets(bundle.text_encoders) if tes else [],
+        "text_encoder_target_module": text_encoder_targets(bundle.text_encoders) if spec.with_text_encoder else [],
         "text_encoder_target_name": [],
         "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False, "exclude_name": [],
     }
+
+
+def _construct(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
+    """One LyCORIS network at one rank."""
+    tes = [text_encoder_root(te) for te in bundle.text_encoders] if spec.with_text_encoder else []
     # One encoder gives lora_te_*, a list gives lora_te1_*/lora_te2_* (SDXL).
     te_arg = (tes if len(tes) > 1 else tes[0]) if tes else None
-    with _lycoris_preset(preset):
-        return _FilteredKohyaNetwork(
-            te_arg, bundle.unet, skip=_skip_fn(bundle.family, spec),
-            multiplier=1.0, lora_dim=spec.rank, alpha=spec.alpha,
-            conv_lora_dim=spec.conv_rank if spec.trains_convs else 0, conv_alpha=spec.conv_alpha,
-            network_module=spec.algo, weight_decompose=spec.dora,
-            wd_on_out=False,  # per-input-channel magnitude: what A1111 and Forge apply
-            bypass_mode=spec.bypass, warn_on_unmatched=False,
-        )
+    return _FilteredKohyaNetwork(
+        te_arg, bundle.unet, skip=_skip_fn(bundle.family, spec),
+        multiplier=1.0, lora_dim=spec.rank, alpha=spec.alpha,
+        conv_lora_dim=spec.conv_rank if spec.trains_convs else 0, conv_alpha=spec.conv_alpha,
+        network_module=spec.algo, weight_decompose=spec.dora,
+        wd_on_out=False,  # per-input-channel magnitude: what A1111 and Forge apply
+        bypass_mode=spec.bypass, warn_on_unmatched=False,
+    )

@@ -21,6 +21,7 @@ from .fsutil import atomic_path
 from .metadata import STRENGTH_KEY, build_metadata
 from .netbuild import NetworkSpec, create_lycoris, quiet_lycoris
 from .netfile import check_resume, scale_strength
+from .netgroups import TE, UNET, GroupPlan, build_groups, frozen_params
 from .params import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,11 @@ def _drop_plain_forward(module: torch.nn.Module) -> None:
 class Network:
     """A LyCORIS network hooked into a ModelBundle's U-Net and text encoder(s)."""
 
-    def __init__(self, lyco, spec: NetworkSpec, family: str):
+    def __init__(self, lyco, spec: NetworkSpec, family: str, plan: GroupPlan | None = None):
         self.lyco = lyco
         self.spec = spec
         self.family = family
+        self.plan = plan or GroupPlan()
         self._multiplier = 1.0
         self._attached = True
         self._removed = False
@@ -74,7 +76,9 @@ class Network:
             # Parameters only: alpha buffers stay fp32 so alpha/rank is exact in the file.
             for param in lyco.parameters():
                 param.data = param.data.to(dtype)
-        net = cls(lyco, spec, bundle.family)
+        net = cls(lyco, spec, bundle.family, GroupPlan.from_config(cfg))
+        for param in frozen_params(net.plan, bundle.family, net._parts()):
+            param.requires_grad_(False)  # a block of learning-rate weight 0 never trains
         log.info("network %s: %d U-Net and %d text-encoder modules, %d parameters",
                  cfg.network_type, len(lyco.unet_loras), len(lyco.text_encoder_loras), net.n_params)
         return net
@@ -104,15 +108,19 @@ class Network:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.lyco.parameters())
 
+    def _parts(self) -> list[tuple[str, list]]:
+        return [(UNET, list(self.lyco.unet_loras)), (TE, list(self.lyco.text_encoder_loras))]
+
     def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
-        """Optimizer groups: the U-Net's, then one for the text encoder(s), each only if it has params."""
-        groups = []
-        for name, mods, lr in (("unet", self.lyco.unet_loras, unet_lr),
-                               ("text_encoder", self.lyco.text_encoder_loras, te_lr)):
-            params = [p for m in mods for p in m.parameters()]
-            if params:
-                groups.append({"params": params, "lr": lr, "name": name})
-        return groups
+        """Optimizer groups: U-Net's, then the text encoder(s)', each only if it has params.
+
+        LoRA+ puts lora_up matrices in "<part>_up" groups at ratio x lr; a block
+        whose learning-rate weight is not 1 gets its own "unet_<ID>" group, and one
+        of weight 0 is left out while the U-Net trains. With both rates 0 every
+        parameter is in the groups (that is how a pass freezes the network).
+        """
+        lrs = {UNET: unet_lr, TE: te_lr}
+        return build_groups(self.plan, self.family, [(part, mods, lrs[part]) for part, mods in self._parts()])
 
     def to(self, device: torch.device | str) -> "Network":
         """Move the network next to the model (dtypes kept, the same Parameter objects).

@@ -224,13 +224,23 @@ def _check_lr_free(name: str, groups: list[dict]) -> None:
     """D-Adaptation and Prodigy scale one adaptive step; warn on tiny rates, refuse mixed ones."""
     rates = sorted({g["lr"] for g in groups if g["lr"] != 0})
     if name in _ONE_LR and len(rates) > 1:
-        raise ConfigError("train_textencoder_learning_rate", rates,
-                          f"{name} uses one learning rate for all parameters (0 freezes a part); "
-                          "leave the text-encoder rate empty or give it the same value")
+        field_name, advice = _mixed_rate_source(groups)
+        raise ConfigError(field_name, rates,
+                          f"{name} uses one learning rate for all parameters (0 freezes a part); {advice}")
     smallest = min(rates, default=0.0)
     if 0 < smallest < 0.1:
         log.warning("%s adapts the step size itself and expects a learning rate around 1.0; got %g",
                     name, smallest)
+
+
+def _mixed_rate_source(groups: list[dict]) -> tuple[str, str]:
+    """The setting that made the groups' rates differ, judged by the group names, and what to do."""
+    names = [str(g.get("name", "")) for g in groups if g["lr"] != 0]
+    if any(n.endswith("_up") for n in names):
+        return "loraplus_lr_ratio", "turn LoRA+ off (ratio 0) or choose an optimizer such as AdamW"
+    if any(n.startswith("unet_") for n in names):
+        return "network_block_lr_weights", "use block weights of 0 or 1 only, or choose an optimizer such as AdamW"
+    return "train_textencoder_learning_rate", "leave the text-encoder rate empty or give it the same value"
 
 
 def _probe_bitsandbytes(name: str, cls: type, groups: list[dict], kwargs: dict[str, Any]) -> None:
