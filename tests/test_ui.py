@@ -127,8 +127,31 @@ def test_samples_appear_in_the_gallery(app, tmp_path):
     wait_idle(app)
     files = sorted(p.name for p in (tmp_path / "out" / "s_samples").glob("*.png"))
     assert files == ["s_000002steps_0.png", "s_000002steps_1.png", "s_000003steps_0.png", "s_000003steps_1.png"]
-    status, gallery = app.poll_status()
+    status, gallery, grid = app.poll_status()
     assert [p.rsplit("/", 1)[-1] for p in gallery["value"]] == ["s_000003steps_0.png", "s_000003steps_1.png"]
+    assert grid.get("value") is None  # no evaluation grid was asked for
+
+
+def test_the_evaluation_grid_shows_after_the_job(app, tmp_path):
+    from PIL import Image
+
+    from trainer.evalgrid import read_grid_info
+
+    assert app.train.grid.elem_id == "traindeck-grid" and app.ctl.grid() is None
+    start = handler(app.blocks, "traindeck_start")
+    assert start(*values(app, save_lora_name="g", save_per_steps="2", sample_every_n_steps="3",
+                         sample_prompts="a red circle", eval_grid=True, eval_grid_strengths="0, 1",
+                         sample_steps="2")).startswith("queued g")
+    assert "evaluation grid" in wait_idle(app)
+    grid = tmp_path / "out" / "g_grid.png"
+    info = read_grid_info(grid)
+    assert info["files"] == ["g_2steps.safetensors", "g.safetensors"] and info["prompts"] == ["a red circle"]
+    assert Image.open(grid).width == info["layout"]["label_w"] + 2 * 64
+    status, gallery, image = app.poll_status()
+    assert image["value"] == str(grid) and "evaluation grid" in status
+    # the samples keep their gallery; the grid is not one of them
+    assert [p.rsplit("/", 1)[-1] for p in gallery["value"]] == ["g_000003steps_0.png"]
+    assert app.poll_status()[2].get("value") is None  # unchanged: no new update
 
 
 def test_preview_buttons_render_the_prompts(app):

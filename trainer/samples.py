@@ -4,13 +4,13 @@ The pipeline is assembled from the bundle's own modules (nothing is copied), so
 a hooked-in network shows in the images at whatever multiplier it has when
 `render_samples` is called: pick one with ``network.scaled(m)`` or
 ``network.disabled()`` around the call. Used for `sample_every_n_steps` /
-`sample_prompts` during training and for the iLECO previews.
+`sample_prompts` during training, the iLECO previews and the evaluation grid.
 """
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -21,7 +21,7 @@ from .fsutil import atomic_path, check_name, unique_path
 from .textenc import encode_prompts
 
 __all__ = ["SAMPLERS", "build_pipeline", "check_size", "native_size", "parse_prompts", "render_samples",
-           "save_samples"]
+           "save_png", "save_samples"]
 
 SAMPLERS = ("ddim", "euler")
 SIZE_MULTIPLE = 8  # the pipelines refuse other sizes (one latent cell is 8 px)
@@ -193,22 +193,27 @@ def render_samples(bundle: ModelBundle, prompts: Iterable[str], *, negative_prom
     return images
 
 
+def save_png(image: Image.Image, wanted: Path, *, overwrite: bool = False, field: str = "sample image",
+             pnginfo: Any = None) -> Path:
+    """Write `image` as PNG atomically at `wanted`, or at `-2`, `-3`… when taken (unless `overwrite`)."""
+    wanted = Path(wanted)
+    if overwrite:
+        with atomic_path(wanted, overwrite=True, field=field) as tmp:
+            image.save(tmp, format="PNG", pnginfo=pnginfo)
+        return wanted
+    for _ in range(100):  # another writer may take the free name between looking and renaming
+        path = unique_path(wanted)
+        try:
+            with atomic_path(path, overwrite=False, field=field) as tmp:
+                image.save(tmp, format="PNG", pnginfo=pnginfo)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{field}: no free name for {wanted}")
+
+
 def save_samples(images: Sequence[Image.Image], folder: Path | str, stem: str) -> list[Path]:
     """Write `<stem>_<i>.png` into `folder` atomically; a taken name gets a `-2`, `-3`… suffix."""
     check_name("sample file name", f"{stem}_0.png")
     folder = Path(folder)
-    paths = []
-    for i, image in enumerate(images):
-        wanted = folder / f"{stem}_{i}.png"
-        for _ in range(100):  # another writer may take the free name between looking and renaming
-            path = unique_path(wanted)
-            try:
-                with atomic_path(path, overwrite=False, field="sample image") as tmp:
-                    image.save(tmp, format="PNG")
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise FileExistsError(f"sample image: no free name for {wanted}")
-        paths.append(path)
-    return paths
+    return [save_png(image, folder / f"{stem}_{i}.png") for i, image in enumerate(images)]

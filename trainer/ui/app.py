@@ -46,20 +46,24 @@ class App:
             self.train.wire()
             self.queue.wire()
             self.plot.wire()
-            every(self.blocks, STATUS_SECONDS, self.poll_status, None, [self.train.status, self.train.gallery],
-                  "traindeck_poll_status")
+            every(self.blocks, STATUS_SECONDS, self.poll_status, None,
+                  [self.train.status, self.train.gallery, self.train.grid], "traindeck_poll_status")
             every(self.blocks, TABLE_SECONDS, lambda: gr.update(value=ctl.queue_rows() or None), None,
                   [self.queue.table], "traindeck_poll_queue")
             every(self.blocks, PLOT_SECONDS, self.plot.poll, [self.plot.live],
                   [self.plot.log, self.plot.plot, self.plot.message], "traindeck_poll_plot")
         self._samples: list[str] = []
+        self._grid: str | None = self.ctl.grid()
 
     def poll_status(self) -> list:
-        """The status line, and the sample gallery when new samples appeared."""
+        """The status line; the sample gallery and the evaluation grid when new ones appeared."""
         samples = [str(p) for p in self.ctl.samples()]
         gallery = gr.update(value=samples) if samples != self._samples else gr.update()
         self._samples = samples
-        return [self.ctl.status(), gallery]
+        grid = self.ctl.grid()
+        image = gr.update(value=grid) if grid != self._grid else gr.update()
+        self._grid = grid
+        return [self.ctl.status(), gallery, image]
 
 
 def build_ui(ctl: Controller, initial: TrainConfig | None = None, *, standalone: bool = True) -> gr.Blocks:

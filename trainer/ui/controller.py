@@ -83,11 +83,26 @@ class Controller:
         self.fallbacks = dict(fallbacks or {})
         self.uploads = uploads or cache_dir() / "uploads"
         self._samples: list[str] = []
+        self._grid: str | None = None
+        self._seen: list[str] = []  # the samples of the last progress event looked at
         self.listeners = [self._note_samples, *listeners]
         self.queue = JobQueue(queue_file or cache_dir() / "queue.json", self._run)
 
     def _note_samples(self, p: Progress) -> None:
-        if p.samples:
+        """Keep the newest samples, and the evaluation grid apart from them (it has its own image)."""
+        if not p.samples or p.samples == self._seen:
+            return
+        self._seen = list(p.samples)
+        from ..evalgrid import read_grid_info
+
+        try:
+            grid = len(p.samples) == 1 and read_grid_info(p.samples[0]) is not None
+        except (OSError, ValueError) as exc:  # an unreadable image must not stop the job that made it
+            log.warning("could not read %s: %s", p.samples[0], exc)
+            grid = False
+        if grid:
+            self._grid = p.samples[0]
+        else:
             self._samples = list(p.samples)
 
     def _run(self, cfg: TrainConfig, stop: StopFlag, listener: Listener):
@@ -209,6 +224,10 @@ class Controller:
     def samples(self) -> list[str]:
         """The newest sample images of the running (or last) job."""
         return [p for p in self._samples if Path(p).is_file()]
+
+    def grid(self) -> str | None:
+        """The evaluation grid of the last job that rendered one (eval_grid)."""
+        return self._grid if self._grid and Path(self._grid).is_file() else None
 
     def preview(self, cfg: TrainConfig, which: str) -> list:
         """iLECO's "Generate original/target": the base model on one prompt, at the training size."""

@@ -84,6 +84,8 @@ class TrainTab:
         self.status = make(gr.Textbox, label="Status", interactive=False, value=self.ctl.status(),
                            elem_id="traindeck-status")
         self.gallery = make(gr.Gallery, label="Samples", columns=4, height=260, elem_id="traindeck-samples")
+        self.grid = make(gr.Image, label="Evaluation grid", type="filepath", interactive=False,
+                         value=self.ctl.grid(), elem_id="traindeck-grid")
 
     # ---- values <-> widgets -------------------------------------------------------------
     @property
