@@ -1,4 +1,8 @@
-"""Headless CLI: python -m trainer --preset FILE [--model PATH] [--lora-dir DIR] [--set k=v ...]"""
+"""Headless CLI: python -m trainer --preset FILE [--model PATH] [--lora-dir DIR] [--set k=v ...]
+
+Started by torchrun or accelerate launch (WORLD_SIZE > 1), the job trains data-parallel
+across the launched processes (trainer/distributed.py); rank 0 alone writes and prints.
+"""
 from __future__ import annotations
 
 import argparse
@@ -72,12 +76,12 @@ def parse_sets(items: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
     return out, second
 
 
-def load_config(args: argparse.Namespace) -> TrainConfig:
+def load_config(args: argparse.Namespace, warn: bool = True) -> TrainConfig:
     from .presets import load_preset
 
     warnings: list[str] = []
     cfg = load_preset(args.preset, warnings=warnings)
-    for note in warnings:
+    for note in warnings if warn else ():
         print(f"warning: {note}", file=sys.stderr)
     overrides, second = parse_sets(args.sets)
     if args.model:
@@ -115,25 +119,51 @@ class _Bar:
             self.bar = None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from .engine import Trainer, TrainingFailed
+def _train(args: argparse.Namespace, ranks, bar: _Bar):
+    """Load the settings and run the job, in the launcher's process group when there is one."""
+    from .distributed import DataParallel
+    from .engine import Trainer
     from .host import StandaloneHost
 
-    bar = _Bar(not args.quiet)
+    cfg = load_config(args, warn=ranks is None or ranks.is_main)
+    host = StandaloneHost(Path(args.lora_dir), [Path(d) for d in args.models_dir])
+    parallel = DataParallel.start(ranks, args.device) if ranks is not None else None
     try:
-        cfg = load_config(args)
-        host = StandaloneHost(Path(args.lora_dir), [Path(d) for d in args.models_dir])
-        result = Trainer(cfg, host, device=args.device, listeners=[bar]).run()
+        return Trainer(cfg, host, device=args.device, listeners=[bar], parallel=parallel).run()
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .distributed import launched_ranks
+    from .engine import TrainingFailed
+
+    try:
+        ranks = launched_ranks()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    main_rank = ranks is None or ranks.is_main
+    # The other ranks stay quiet: one progress bar, one set of warnings, one JSON line.
+    logging.basicConfig(level=logging.WARNING if main_rank else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    who = "" if main_rank else f"rank {ranks.rank}: "
+    bar = _Bar(not args.quiet and main_rank)
+    try:
+        result = _train(args, ranks, bar)
     except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
         bar.close()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{who}error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingFailed as exc:
         bar.close()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{who}error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     bar.close()
-    print(json.dumps(result.summary()))
+    if main_rank:
+        if result.message:  # where the file, the grid or the stop left things
+            print(result.message, file=sys.stderr)
+        print(json.dumps(result.summary()))
     return 0 if result.status == "done" else EXIT_STOPPED

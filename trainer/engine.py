@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from .modes import get_mode
 from .modes.base import PassInfo, PassSpec, StepContext
 from .outputs import OutputPlan, plan_outputs
 from .passrun import PassRunner
+
+if TYPE_CHECKING:
+    from .distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,14 @@ class Trainer:
     """Runs one job: every pass of its mode, on one host, with one stop flag."""
 
     def __init__(self, cfg: TrainConfig, host: Host, *, device: torch.device | str | None = None,
-                 stop: StopFlag | None = None, listeners: list[Listener] | tuple = ()):
+                 stop: StopFlag | None = None, listeners: list[Listener] | tuple = (),
+                 parallel: DataParallel | None = None):
         self.cfg = cfg
         self.host = host
-        self.device = device if isinstance(device, torch.device) else devices.pick_device(device)
+        # Data-parallel ranks come from the CLI only; the WebUI's trainer stays one process.
+        self.parallel = parallel
+        self.device = parallel.device if parallel else (
+            device if isinstance(device, torch.device) else devices.pick_device(device))
         self.stop = stop or StopFlag()
         self.listeners = list(listeners)
         self.progress = Progress(mode=cfg.mode, name=cfg.save_lora_name)
@@ -79,9 +86,16 @@ class Trainer:
         started = time.time()
         cfg = self.cfg.validate()
         mode = get_mode(cfg.mode)
+        if self.parallel:
+            cfg = self.cfg = self.parallel.configure(cfg)
+            mode = self.parallel.wrap_mode(mode)
         specs = mode.passes(cfg)
         plans = [plan_outputs(s.cfg, self.host.lora_dir(), s.suffix) if s.save else None for s in specs]
+        if self.parallel and not self.parallel.ranks.is_main:
+            plans = [None] * len(specs)  # every rank checked the names; only rank 0 saves
         seed = resolve_seed(cfg.train_seed)
+        if self.parallel:
+            seed = self.parallel.same_seed(seed)
         result = RunResult("done", None, 0, None, None, 0.0, seed)
         if cfg.save_as_json:
             from .presets import save_run_settings
@@ -124,6 +138,8 @@ class Trainer:
         finally:
             for network in reversed(frozen):
                 network.remove()
+            if self.parallel:
+                self.parallel.detach()
             devices.empty_cache(self.device)
         if self.cfg.eval_grid and result.saved:  # on the plain model again, its saves applied one by one
             from .evalgrid import render_grid
@@ -145,16 +161,19 @@ class Trainer:
             return encode_prompts(bundle, prompts, grad=True)
 
         def report(message: str, done: int, total: int) -> None:
-            self.emit(phase="caching", message=f"{message} {done}/{total}")
+            self.emit(phase="caching", message=f"{message} {done}/{total}" if total else message)
             if self.stop.requested:
                 raise JobStopped()
 
-        return StepContext(
+        ctx = StepContext(
             cfg=spec.cfg, bundle=bundle, network=network, device=self.device, dtype=model_dtype,
             seed=seed, generator=gen, stop=self.stop, encode=encode, encode_grad=encode_grad,
             autocast=lambda: devices.autocast(self.device, model_dtype), report=report, frozen=frozen,
             spec=spec,
         )
+        if self.parallel:
+            self.parallel.attach(ctx)
+        return ctx
 
 
 __all__ = ["Trainer", "RunResult", "TrainingFailed", "PassInfo", "resolve_seed"]
