@@ -36,6 +36,9 @@ TEXT_DIM = 256          # CLIP hidden size = the U-Net's cross-attention width
 RANK, ALPHA = 16, 8.0
 LEARNING_RATE = 1e-4
 SEED = 1234
+# VAE (block channels, layers per block): "small" keeps caching cheap; "sd" is SD1's VAE
+# at its real size (83.7M parameters), whose per-step encode is what latent caching saves.
+VAES = {"small": ((32, 32, 32, 32), 1), "sd": ((128, 256, 512, 512), 2)}
 
 
 def sd1_unet(seed: int = SEED) -> UNet2DConditionModel:
@@ -50,21 +53,22 @@ def sd1_unet(seed: int = SEED) -> UNet2DConditionModel:
     )
 
 
-def bench_bundle(seed: int = SEED) -> ModelBundle:
-    """The benchmark's model: the U-Net above, a 2-layer CLIP, a small 4-level VAE; frozen, fp32."""
+def bench_bundle(seed: int = SEED, vae: str = "small") -> ModelBundle:
+    """The benchmark's model: the U-Net above, a 2-layer CLIP, a 4-level VAE (see VAES); frozen, fp32."""
     unet = sd1_unet(seed)
     torch.manual_seed(seed + 1)
     te = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=TEXT_DIM * 4, num_attention_heads=4,
         num_hidden_layers=2, max_position_embeddings=77, hidden_act="quick_gelu",
         bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
-    vae = AutoencoderKL(
+    channels, layers = VAES[vae]
+    vae_model = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32, sample_size=PIXELS)
+        block_out_channels=channels, layers_per_block=layers, norm_num_groups=32, sample_size=PIXELS)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                           beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
-    bundle = ModelBundle(family="sd1", unet=unet, vae=vae, text_encoders=[te], tokenizers=[clip_tokenizer()],
+    bundle = ModelBundle(family="sd1", unet=unet, vae=vae_model, text_encoders=[te], tokenizers=[clip_tokenizer()],
                          noise_scheduler=sched, name="bench-sd1", source="memory")
     for module in bundle.modules():
         module.eval().requires_grad_(False)
@@ -194,6 +198,18 @@ def busy_cores(seconds: float = 1.0) -> float | None:
     return round((os.cpu_count() or 1) * (1.0 - idle / total), 2)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: platform's answer below
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """What the numbers were measured on."""
     import diffusers
@@ -202,7 +218,17 @@ def environment() -> dict:
     return {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(), "device": "cpu",
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
         "python": platform.python_version(), "diffusers": diffusers.__version__,
-        "lycoris": version("lycoris-lora"),
+        "lycoris": version("lycoris-lora"), "transformers": version("transformers"),
+        "peft": _version_or_none("peft"),
     }
+
+
+def _version_or_none(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None

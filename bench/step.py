@@ -1,6 +1,7 @@
 """Trainer step time versus a bare PyTorch loop doing the same math, as ratios from one run.
 
     python bench/step.py [--quick] [--algos lierla,c3lier,loha,lokr] [--steps N] [--rounds R]
+                         [--threads N] [--vae small|sd] [--no-p2] [--no-startup] [--no-ileco]
 
 For each algo (and for iLECO with lierla) it runs, in one process and interleaved to cancel drift:
 bare, trainer, bare, trainer, ..., bare. The trainer side is the real engine
@@ -9,6 +10,9 @@ The iLECO row compares the engine's iLECO mode with a bare loop doing the same t
 forwards (the first with the deltas switched off, under no_grad) and one backward.
 The ratio of a round is the trainer's median ms/step over the mean of the bare
 medians just before and after it; P1 is the median of the rounds' ratios.
+P2 (bench/p2.py) sets the trainer's steps/s against a peft reference loop that
+VAE-encodes each step (bench/reference.py; needs peft, else "P2": null and why);
+bench/startup.py adds the start-up split and peak RSS from a fresh process.
 The last line of output is one JSON object.
 """
 from __future__ import annotations
@@ -29,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from lycoris.logging import logger as lycoris_logger  # noqa: E402
 
-from bench import bare  # noqa: E402
+from bench import bare, startup  # noqa: E402
+from bench.p2 import bench_p2  # noqa: E402
 from bench.common import (ALGOS, LEARNING_RATE, PIXELS, SEED, BenchHost, StepClock,  # noqa: E402
                           bench_bundle, bench_config, busy_cores, environment, load_average, median_ms,
                           make_images, n_params, steady)
@@ -45,7 +50,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, work: Path):
         self.args, self.work = args, work
-        self.bundle = bench_bundle()
+        self.bundle = bench_bundle(vae=getattr(args, "vae", "small"))
         self.pristine = copy.deepcopy(self.bundle.unet)  # bare copies start from the same weights
         self.data = make_images(work / "data")
         self.lora_dir = work / "lora"
@@ -146,6 +151,23 @@ def print_table(results: dict[str, dict]) -> None:
     print()
 
 
+def print_extras(p2: dict, start: dict) -> None:
+    """P2 and the start-up/memory figures, when measured."""
+    if p2.get("P2") is not None:
+        ms = p2["P2_ms_per_step"]
+        print(f"P2 (trainer steps/s over peft's): {p2['P2']:.3f} against attention-only peft "
+              f"({ms['peft_attention']} ms/step), {p2['P2_same_layers']:.3f} against peft on the trainer's layers "
+              f"({ms['peft_same']} ms/step); trainer {ms['trainer']} ms/step")
+    elif p2:
+        print(f"P2: not measured ({p2['P2_reason']})")
+    if start:
+        print(f"start-up: load {start['load_s']} s, build {start['build_s']} s, cache {start['cache_s']} s "
+              f"({start['cache_per_image_s']} s/image), first step {start['first_step_s']} s; peak RSS in training "
+              f"{start['peak_rss_training_bytes'] / 2**20:.0f} MiB = {start['peak_rss_training_over_model']}x the model "
+              f"({start['model_bytes'] / 2**20:.0f} MiB), {start['extra_rss_training_over_model']}x above the pre-start RSS")
+    print()
+
+
 def pick_threads(asked: str) -> tuple[int, str]:
     """torch's default, unless other work already holds a core: then fewer threads.
 
@@ -172,6 +194,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="trainer segments per algo (quick 2, full 4)")
     p.add_argument("--no-ileco", dest="ileco", action="store_false",
                    help="skip iLECO (two U-Net forwards, the first without grad and network, one backward)")
+    p.add_argument("--no-p2", dest="p2", action="store_false",
+                   help="skip P2 (trainer steps/s over a peft reference loop that VAE-encodes each step)")
+    p.add_argument("--no-startup", dest="startup", action="store_false",
+                   help="skip the start-up split and peak-memory run (a child process)")
+    p.add_argument("--vae", choices=("small", "sd"), default="small",
+                   help="the model's VAE: small (cheap caching) or sd (SD1's VAE layout and size, for P2)")
     p.add_argument("--lokr-rebuild", action="store_true",
                    help="bare LoKr builds kron(w1, w2) each forward instead of LyCORIS's grouped bypass")
     p.add_argument("--threads", default="auto",
@@ -208,17 +236,21 @@ def main(argv: list[str] | None = None) -> dict:
         results = {algo: bench_algo(b, algo) for algo in args.algos}
         if args.ileco:
             results["ileco"] = bench_algo(b, "lierla", "iLECO")
+        p2 = bench_p2(b, lambda: _medians(b.trainer_segment("lierla", args.steps), args.warmup)[0]) if args.p2 else {}
+    start = startup.run(threads=threads, vae=args.vae) if args.startup else {}
     print_table(results)
+    print_extras(p2, start)
     summary = {
         "P1": {k: round(v["ratio"], 4) for k, v in results.items()},
         "ms_per_step": {k: {"trainer": round(v["trainer_ms"], 1), "bare": round(v["bare_ms"], 1)}
                         for k, v in results.items()},
+        **p2, "startup": start,
         "P1_cpu": {k: round(v["cpu_ratio"], 4) for k, v in results.items()},
         "cpu_ms_per_step": {k: {"trainer": round(v["trainer_cpu_ms"], 1), "bare": round(v["bare_cpu_ms"], 1)}
                             for k, v in results.items()},
         "ratios_by_round": {k: [round(x, 4) for x in v["ratios"]] for k, v in results.items()},
         "modules": {k: v["modules"] for k, v in results.items()},
-        "unet_params": unet_params, **environment(), "threads_why": why,
+        "unet_params": unet_params, "vae": args.vae, "vae_params": n_params(b.bundle.vae), **environment(), "threads_why": why,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "quick": args.quick,
         "load_avg_start": load_before, "load_avg_end": load_average(),
         "wall_s": round(time.perf_counter() - started, 1),
