@@ -91,7 +91,7 @@ class TrainConfig(NetworkOptions, LossOptions, DataOptions, StateOptions, GridOp
     use_gradient_checkpointing: bool = param("bool", False, "Gradient checkpointing", "Saves memory at about 30% more time per step.", section=REQ)
     network_blocks: list = param("blocks", list(BLOCK_IDS), "Blocks (BASE = text encoder)", "Which U-Net blocks (and the text encoder) the network covers.", key="network_blocks(BASE = TextEncoder)", section=REQ)
 
-    network_resume: str = param("path", "", "Resume from", "Existing network file to continue training.", modes=("LoRA", "Difference", "Multi-ADDifT", "ADDifT"))
+    network_resume: str = param("path", "", "Resume from", "Existing network file to continue training; with its <name>-state/ folder it continues exactly.", modes=("LoRA", "iLECO", "Difference", "Multi-ADDifT", "ADDifT"))
     network_strength: float = param("float", 1.0, "Strength baked into file", "The saved file's effect is multiplied by this.", minimum=-100, maximum=100)
     network_conv_rank: int = param("int", 0, "Conv rank", "Rank for 3x3 convs (c3lier and LyCORIS); 0 uses the rank.", minimum=0, maximum=1024)
     network_conv_alpha: float = param("float", 0.0, "Conv alpha", "Alpha for 3x3 convs; 0 uses the alpha.", minimum=0, maximum=4096)
