@@ -38,8 +38,10 @@ def test_cli_trains_and_prints_a_json_summary(job, model_file, capsys):
     code = main(["--preset", str(preset), "--model", str(model_file), "--lora-dir", str(out),
                  "--set", "train_iterations=2", "--set", "save_lora_name=cli", "--quiet"])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out.strip().splitlines()[-1])
     assert summary["output"] == str(out / "cli.safetensors") and Path(summary["output"]).is_file()
+    assert f"saved {out / 'cli.safetensors'}" in printed.err  # where the run left its file
     assert summary["steps"] == 2 and summary["seconds"] > 0
     assert isinstance(summary["loss_first"], float) and isinstance(summary["loss_last"], float)
 
