@@ -143,7 +143,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--vae", choices=("small", "sd"), default="small")
+    p.add_argument("--vae", choices=("small", "sd"), default="small")  # a single file needs 32 norm groups
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -50,7 +50,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, work: Path):
         self.args, self.work = args, work
-        self.bundle = bench_bundle(vae=getattr(args, "vae", "small"))
+        self.bundle = bench_bundle(vae=getattr(args, "vae", "scaled"))
         self.pristine = copy.deepcopy(self.bundle.unet)  # bare copies start from the same weights
         self.data = make_images(work / "data")
         self.lora_dir = work / "lora"
@@ -198,8 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip P2 (trainer steps/s over a peft reference loop that VAE-encodes each step)")
     p.add_argument("--no-startup", dest="startup", action="store_false",
                    help="skip the start-up split and peak-memory run (a child process)")
-    p.add_argument("--vae", choices=("small", "sd"), default="small",
-                   help="the model's VAE: small (cheap caching) or sd (SD1's VAE layout and size, for P2)")
+    p.add_argument("--vae", choices=("scaled", "small", "sd"), default="scaled",
+                   help="the model's VAE: scaled (SD1 layout at the U-Net's width, the default), small (cheap caching) or sd (SD1 size)")
     p.add_argument("--lokr-rebuild", action="store_true",
                    help="bare LoKr builds kron(w1, w2) each forward instead of LyCORIS's grouped bypass")
     p.add_argument("--threads", default="auto",
@@ -237,7 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.ileco:
             results["ileco"] = bench_algo(b, "lierla", "iLECO")
         p2 = bench_p2(b, lambda: _medians(b.trainer_segment("lierla", args.steps), args.warmup)[0]) if args.p2 else {}
-    start = startup.run(threads=threads, vae=args.vae) if args.startup else {}
+    # Start-up loads a single-file checkpoint, whose VAE conversion assumes SD's 32 norm groups:
+    # the scaled VAE (13 groups) cannot take that path, so start-up uses the small one then.
+    start_vae = "small" if args.vae == "scaled" else args.vae
+    start = {"vae": start_vae, **startup.run(threads=threads, vae=start_vae)} if args.startup else {}
     print_table(results)
     print_extras(p2, start)
     summary = {
