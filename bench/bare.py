@@ -8,8 +8,9 @@ the same config, so both sides train exactly the same tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -198,42 +199,59 @@ def _lyco_params(lyco, delta: BareDelta) -> list[tuple[str, nn.Parameter]]:
 
 def _timed_loop(unet: nn.Module, deltas: nn.ModuleList, steps: int, lr: float, seed: int,
                 step_loss: Callable[[torch.Generator], Tensor],
-                on_step: Callable[[int, float], None] | None = None) -> tuple[list[float], list[float]]:
-    """loss / backward / AdamW step / zero_grad per step; the wall and process-CPU seconds of each."""
+                on_step: Callable[[int, float], None] | None = None,
+                autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                scaler: torch.amp.GradScaler | None = None) -> tuple[list[float], list[float]]:
+    """loss / backward / AdamW step / zero_grad per step; the wall and process-CPU seconds of each.
+
+    The loss is read back each step, as the trainer does for its log: on an accelerator
+    that is also what makes each step's time its own.
+    """
     opt = build_optimizer("AdamW", [{"params": list(deltas.parameters()), "lr": lr}], lr, "")
-    gen = torch.Generator().manual_seed(seed)
+    device = next(deltas.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     unet.train()
     wall, cpu = [], []
     for step in range(1, steps + 1):
         tick, tock = time.perf_counter(), time.process_time()
-        loss = step_loss(gen)
-        loss.backward()
-        opt.step()
+        with autocast():
+            loss = step_loss(gen)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
         wall.append(time.perf_counter() - tick)
         cpu.append(time.process_time() - tock)
         if on_step is not None:
-            on_step(step, float(loss.detach()))
+            on_step(step, value)
     unet.eval()
     return wall, cpu
 
 
 def bare_loop(unet: nn.Module, deltas: nn.ModuleList, *, steps: int, latents: Tensor, cond: Tensor,
               alphas_cumprod: Tensor, snr_gamma: float, lr: float, seed: int,
-              on_step: Callable[[int, float], None] | None = None) -> tuple[list[float], list[float]]:
-    """The LoRA step by hand, with fresh noise and timesteps each step."""
-    loss_fn = DiffusionLoss("MSE", alphas_cumprod, snr_gamma=snr_gamma, v_pred=False, device=latents.device)
-    sqrt_a = alphas_cumprod.float().sqrt()
-    sqrt_1ma = (1.0 - alphas_cumprod.float()).sqrt()
+              on_step: Callable[[int, float], None] | None = None,
+              autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+              scaler: torch.amp.GradScaler | None = None) -> tuple[list[float], list[float]]:
+    """The LoRA step by hand, with fresh noise and timesteps each step (on the latents' device)."""
+    dev = latents.device
+    loss_fn = DiffusionLoss("MSE", alphas_cumprod, snr_gamma=snr_gamma, v_pred=False, device=dev)
+    sqrt_a = alphas_cumprod.float().sqrt().to(dev)
+    sqrt_1ma = (1.0 - alphas_cumprod.float()).sqrt().to(dev)
+    dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype  # the frozen weights'
 
     def step_loss(gen: torch.Generator) -> Tensor:
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, alphas_cumprod.shape[0], (latents.shape[0],), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen, device=dev)
+        t = torch.randint(0, alphas_cumprod.shape[0], (latents.shape[0],), generator=gen, device=dev)
         noisy = sqrt_a[t].view(-1, 1, 1, 1) * latents + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
-        pred = unet(noisy, t, cond, return_dict=False)[0]
+        pred = unet(noisy.to(dtype), t, cond.to(dtype), return_dict=False)[0]
         return loss_fn(pred, noise, t)[0]
 
-    return _timed_loop(unet, deltas, steps, lr, seed, step_loss, on_step)
+    return _timed_loop(unet, deltas, steps, lr, seed, step_loss, on_step, autocast, scaler)
 
 
 def set_enabled(deltas: nn.ModuleList, on: bool) -> None:

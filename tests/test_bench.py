@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
+
 from bench import startup
 from bench.reference import peft_missing
 from trainer.events import Progress
@@ -43,3 +45,76 @@ def test_peft_missing_names_the_reason(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     why = peft_missing()
     assert why is not None and "peft" in why and "requirements/bench.txt" in why
+
+
+def test_device_bench_runs_on_the_cpu_and_reports_both_checkpointing_settings(monkeypatch, capsys):
+    """bench/gpu.py end to end on a tiny model: both settings measured, P1 from its own rounds, no peaks on a CPU."""
+    import json
+
+    from bench import gpu
+    from tests.tiny import tiny_bundle
+
+    bundle = tiny_bundle()
+    monkeypatch.setattr(gpu, "bench_bundle", lambda vae: bundle)
+    summary = gpu.main(["--device", "cpu", "--tiny", "--dtype", "fp32", "--steps", "3", "--warmup", "1", "--rounds", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    for key in ("checkpointing_off", "checkpointing_on"):
+        r = summary[key]
+        assert r["P1_by_round"] and r["P1"] == r["P1_by_round"][0] > 0
+        assert abs(r["trainer_it_s"] - 1000.0 / r["trainer_ms"]) < 0.01
+        assert r["peak_bytes_trainer"] is None and r["peak_bytes_bare"] is None  # no allocator statistics on a CPU
+    assert summary["P1"] == summary["checkpointing_off"]["P1"] and summary["device_type"] == "cpu"
+
+
+def test_device_bench_peak_memory_counts_training_steps_only():
+    """The peak is reset when training starts (step 0), so caching's peak is not reported as training's."""
+    from bench.gpu import Memory
+
+    calls = []
+
+    class FakeAccel:
+        def synchronize(self, device):
+            calls.append("sync")
+
+        def reset_peak_memory_stats(self, device):
+            calls.append("reset")
+
+        def max_memory_allocated(self, device):
+            return 123
+
+    mem = Memory(torch.device("cpu"))
+    mem.mod = FakeAccel()
+    mem.listener(Progress(phase="caching", step=0))
+    mem.listener(Progress(phase="training", step=1))
+    assert calls == []
+    mem.listener(Progress(phase="training", step=0))
+    assert calls == ["sync", "reset"] and mem.peak() == 123
+
+
+def test_bare_loop_uses_autocast_and_the_frozen_dtype(monkeypatch):
+    """The bare loop runs its steps inside the given autocast and feeds the U-Net its frozen weights' dtype."""
+    from bench import bare
+
+    entered, seen = [], []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    unet = torch.nn.Linear(4, 4).requires_grad_(False).to(torch.float64)
+    delta = torch.nn.Linear(4, 4)
+    deltas = torch.nn.ModuleList([delta]).to(torch.float64)
+
+    def forward(x, t, cond, return_dict=False):
+        seen.append((x.dtype, cond.dtype))
+        return (delta(x.flatten(1)).view_as(x),)
+
+    unet.forward = forward
+    wall, cpu = bare.bare_loop(unet, deltas, steps=2, latents=torch.zeros(1, 1, 2, 2), cond=torch.zeros(1, 3, 4),
+                               alphas_cumprod=torch.linspace(0.99, 0.01, 10), snr_gamma=5.0, lr=1e-3, seed=0,
+                               autocast=Ctx)
+    assert len(wall) == len(cpu) == 2 and len(entered) == 2
+    assert seen == [(torch.float64, torch.float64)] * 2
