@@ -120,6 +120,8 @@ def test_job_trains_the_up_matrices_faster_and_logs_one_rate_per_group(tmp_path,
     result = Trainer(cfg, host, device="cpu").run()
     assert result.status == "done"
     (log_file,) = result.logs
-    _, frame = read_log(log_file)
+    header, frame = read_log(log_file)
     rates = [frame[f"Learning Rate {i}"].iloc[-1] for i in range(1, 5)]
     assert rates == pytest.approx([1e-3, 16e-3, 5e-4, 8e-3])
+    # the header says which group each column is: U-Net, its up matrices, text encoder, its up matrices
+    assert header["lr_groups"].split(";") == ["unet", "unet_up", "text_encoder", "text_encoder_up"]

@@ -63,6 +63,21 @@ def test_figure_draws_raw_smoothed_and_each_learning_rate(tmp_path):
     assert "cat" in loss_ax.get_title()
 
 
+@pytest.mark.parametrize("groups, expected", [
+    ("unet;unet_up", ["lr unet", "lr unet_up"]),
+    ("unet", ["learning rate 1", "learning rate 2"]),  # one name for two columns: not trusted
+    (None, ["learning rate 1", "learning rate 2"]),  # a TrainTrain log has no such row
+])
+def test_learning_rate_legend_names_the_optimizer_groups(tmp_path, groups, expected):
+    header = {"save_lora_name": "dog", **({"lr_groups": groups} if groups else {})}
+    path = tmp_path / "20260101" / "dog.csv"
+    with CsvLog(path, header, 2) as log:
+        log.row(1, 1.0, [1e-4, 2e-4], 1.0)
+        log.row(2, 0.9, [1e-4, 2e-4], 0.8)
+    _, lr_ax = loss_figure(path).axes
+    assert [line.get_label() for line in lr_ax.get_lines()] == expected
+
+
 def test_png_is_written_once(tmp_path):
     fig = loss_figure(write_log(tmp_path, "20260101", "cat"))
     out = save_png(fig, tmp_path / "plot.png")

@@ -157,7 +157,7 @@ class PassRunner:
         self.steps_done = self.resume.step
         return self.resume.step + 1
 
-    def _open_log(self, n_lrs: int) -> None:
+    def _open_log(self, groups: list[dict]) -> None:
         from .runlog import CsvLog, HEADER_KEYS, log_path
 
         if not self.cfg.logging_save_csv:
@@ -166,18 +166,20 @@ class PassRunner:
         header["model_version"] = self.bundle.model_version
         header["train_seed"] = self.seed
         header["network_type"] = self.cfg.network_type
+        # which optimizer group each "Learning Rate N" column is (U-Net, text encoder, LoRA+ up, a block)
+        header["lr_groups"] = ";".join(str(g.get("name") or f"group{i}") for i, g in enumerate(groups, start=1))
         if self.resume is not None:
             header["resumed_from_step"] = self.resume.step
         from .fsutil import unique_path
 
         # two jobs of one name may start within the same second
         path = unique_path(log_path(self.cfg.save_lora_name, self.started, self.spec.suffix))
-        self.csv = CsvLog(path, header, n_lrs)
+        self.csv = CsvLog(path, header, len(groups))
 
     def _train(self, ctx, network, opt, sched, result: "RunResult") -> None:
         scaler = torch.amp.GradScaler(self.t.device.type) if self.model_dtype == torch.float16 else None
         first = self._start_loop(ctx, opt, sched, scaler)
-        self._open_log(len(opt.param_groups))
+        self._open_log(opt.param_groups)
         if self.csv is not None:
             result.logs.append(self.csv.path)
         self.bundle.unet.train()

@@ -66,10 +66,11 @@ def figure_of(header: dict[str, str], frame, title: str, *, size: tuple[float, f
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     lr_cols = [c for c in frame.columns if c.startswith("Learning Rate")]
+    names = lr_labels(header, lr_cols)
     lr_ax = ax.twinx()
-    for i, col in enumerate(lr_cols):
+    for i, (col, name) in enumerate(zip(lr_cols, names)):
         lr_ax.plot(frame["Step"], frame[col], color=("tab:orange", "tab:green", "tab:red")[i % 3],
-                   linestyle="--", linewidth=1.0, label=col.lower())
+                   linestyle="--", linewidth=1.0, label=name)
     lr_ax.set_ylabel("learning rate")
     lines = ax.get_lines() + lr_ax.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize="small")
@@ -77,6 +78,18 @@ def figure_of(header: dict[str, str], frame, title: str, *, size: tuple[float, f
     ax.grid(True, alpha=0.25)
     fig.tight_layout()
     return fig
+
+
+def lr_labels(header: dict[str, str], lr_cols: list[str]) -> list[str]:
+    """Legend names of the LR columns: their optimizer groups when the log's header names them.
+
+    TrainTrain's logs and older ones have no ``lr_groups`` row, nor does a header whose count
+    does not match; their columns keep the generic name.
+    """
+    groups = [g for g in header.get("lr_groups", "").split(";") if g]
+    if len(groups) == len(lr_cols):
+        return [f"lr {g}" for g in groups]
+    return [c.lower() for c in lr_cols]
 
 
 def save_png(fig: Figure, path: Path, overwrite: bool = False) -> Path:
