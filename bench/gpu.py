@@ -1,6 +1,6 @@
 """Accelerator figures: it/s and peak memory of an SD1.5-size LoRA job, and P1 on the device.
 
-    python bench/gpu.py [--device cuda] [--dtype fp16|bf16] [--steps N] [--rounds R] [--tiny]
+    python bench/gpu.py [--device cuda] [--dtype fp16|bf16] [--steps N] [--rounds R] [--no-p2] [--tiny]
 
 A random-weight model with SD1.5's architecture (U-Net 320-640-1280-1280 with
 768-wide cross-attention, CLIP ViT-L/14's text encoder, SD's VAE) trains LierLa
@@ -10,6 +10,8 @@ autocast. For gradient checkpointing off and on it runs bare, trainer, bare, ...
 reports the trainer's it/s, P1 (trainer ms/step over the neighbouring bare ones) and
 the peak memory allocated while each side's steps ran, from torch's allocator
 statistics (None on a CPU). Only one side's U-Net is on the device at a time.
+P2 (needs peft) sets the trainer's steps/s against bench/reference.py's peft loop that
+VAE-encodes each step, in the same dtype under autocast, checkpointing off.
 `--tiny` swaps in the CPU benchmark's model at 256 px, so the script itself can be
 checked without an accelerator. The last line of output is one JSON object.
 """
@@ -194,6 +196,52 @@ def measure(b: GpuBench, checkpointing: bool) -> dict:
             "peak_bytes_trainer": peak(trainer_peak), "peak_bytes_bare": peak(bare_peak)}
 
 
+class DeviceReference:
+    """bench/reference.py's peft loop (attention targets, VAE each step) on the device, parked between segments."""
+
+    def __init__(self, b: GpuBench):
+        from bench import reference
+        from bench.common import ALPHA, RANK
+
+        self.b = b
+        self.unet, params = reference.with_peft_lora(b.bundle.unet, RANK, ALPHA, list(reference.ATTENTION_TARGETS))
+        self.params = params
+        self.make = lambda: reference.Reference(b.bundle, self.unet, params, b.data, LEARNING_RATE, device=b.device,
+                                                autocast=lambda: devices.autocast(b.device, b.dtype))
+
+    def segment(self, steps: int, seed: int) -> list[float]:
+        b = self.b
+        for module in (b.bundle.vae, b.bundle.text_encoders[0], self.unet):
+            module.to(device=b.device, dtype=b.dtype)
+        for p in self.params:  # the LoRA weights train in fp32, as the script casts them
+            p.data = p.data.float()
+        wall, _ = self.make().segment(steps, seed)
+        for module in (b.bundle.vae, b.bundle.text_encoders[0], self.unet):
+            b.park(module)
+        return wall
+
+
+def measure_p2(b: GpuBench) -> dict:
+    """Trainer steps/s over the peft reference's, checkpointing off: ref, trainer, ref, ..."""
+    from bench.reference import peft_missing
+
+    why = peft_missing()
+    if why is not None:
+        return {"P2": None, "P2_reason": why}
+    a, ref = b.args, DeviceReference(b)
+    ref_ms = [median_ms(steady(ref.segment(a.steps, SEED), a.warmup))]
+    trainer_ms = []
+    for r in range(a.rounds):
+        trainer_ms.append(median_ms(steady(b.trainer_segment(a.steps, False)[0], a.warmup)))
+        ref_ms.append(median_ms(steady(ref.segment(a.steps, SEED + r + 1), a.warmup)))
+        print(f"  P2 round {r + 1}: peft {ref_ms[-2]:.1f} | trainer {trainer_ms[-1]:.1f} | peft {ref_ms[-1]:.1f} ms/step",
+              flush=True)
+    ratios = [(ref_ms[i] + ref_ms[i + 1]) / 2 / t for i, t in enumerate(trainer_ms)]
+    return {"P2": round(statistics.median(ratios), 4), "P2_by_round": [round(x, 4) for x in ratios],
+            "P2_ms_per_step": {"trainer": round(statistics.median(trainer_ms), 2),
+                               "peft_attention": round(statistics.median(ref_ms), 2)}}
+
+
 def device_name(device: torch.device) -> str:
     mod = getattr(torch, device.type, None)
     if device.type != "cpu" and mod is not None and hasattr(mod, "get_device_name"):
@@ -210,6 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="steps per segment")
     p.add_argument("--warmup", type=int, default=5, help="steps dropped per segment")
     p.add_argument("--rounds", type=int, default=2, help="trainer segments per setting")
+    p.add_argument("--no-p2", dest="p2", action="store_false", help="skip P2 (needs peft)")
     p.add_argument("--tiny", action="store_true", help="the CPU benchmark's model at 256 px (checks the script)")
     args = p.parse_args(argv)
     if args.steps <= args.warmup:
@@ -227,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{device_name(b.device)}: U-Net {n_params(b.bundle.unet):,} params, {b.pixels} px, batch 1, "
               f"{args.dtype} weights, LierLa rank 16 in fp32; torch {torch.__version__}", flush=True)
         results = {f"checkpointing_{'on' if gc else 'off'}": measure(b, gc) for gc in (False, True)}
-    summary = {"P1": results["checkpointing_off"]["P1"], **results, "device": device_name(b.device),
+        p2 = measure_p2(b) if args.p2 else {}
+    summary = {"P1": results["checkpointing_off"]["P1"], **results, **p2, "device": device_name(b.device),
                "device_type": b.device.type, "dtype": args.dtype, "model_dtype": str(b.dtype).replace("torch.", ""),
                "pixels": b.pixels, "unet_params": n_params(b.bundle.unet), "tiny": args.tiny,
                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__,

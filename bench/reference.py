@@ -14,7 +14,9 @@ trainer's lierla network covers, with the same rank and alpha.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -64,18 +66,30 @@ def load_pixels(folder: Path) -> tuple[list[Tensor], list[str]]:
 
 
 class Reference:
-    """The reference loop over one peft U-Net; `segment(steps, seed)` times its steps."""
+    """The reference loop over one peft U-Net; `segment(steps, seed)` times its steps.
 
-    def __init__(self, bundle, unet: nn.Module, params: list, folder: Path, lr: float):
+    On an accelerator the frozen models sit on `device` in their own dtype, the step runs
+    under `autocast` (a context factory) with a grad scaler for fp16, as the script does
+    with mixed precision; the loss is read back each step (the script logs it).
+    """
+
+    def __init__(self, bundle, unet: nn.Module, params: list, folder: Path, lr: float,
+                 device: torch.device | None = None, autocast=contextlib.nullcontext):
         self.vae, self.te, self.unet = bundle.vae, bundle.text_encoders[0], unet
         self.sched = bundle.noise_scheduler
+        self.device = device or torch.device("cpu")
+        self.autocast = autocast
         self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215))
-        self.pixels, captions = load_pixels(folder)
+        dtype = next(self.vae.parameters()).dtype
+        pixels, captions = load_pixels(folder)
+        self.pixels = [x.to(self.device, dtype) for x in pixels]
         tok = bundle.tokenizers[0]
         self.ids = [tok([c], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids for c in captions]
+                        return_tensors="pt").input_ids.to(self.device) for c in captions]
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=lr)
+        fp16 = next(p for p in unet.parameters() if not p.requires_grad).dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.n_params = sum(p.numel() for p in params)
 
     def step(self, index: int, gen: torch.Generator) -> Tensor:
@@ -83,27 +97,33 @@ class Reference:
         with torch.no_grad():
             latents = self.vae.encode(self.pixels[k]).latent_dist.sample(generator=gen) * self.scaling
             hidden = self.te(self.ids[k], return_dict=False)[0]
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, self.sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen, device=self.device, dtype=latents.dtype)
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (latents.shape[0],), generator=gen,
+                          device=self.device)
         noisy = self.sched.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, hidden, return_dict=False)[0]
+        with self.autocast():
+            pred = self.unet(noisy, t, hidden, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        self.opt.step()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     def segment(self, steps: int, seed: int) -> tuple[list[float], list[float]]:
         """(wall, process-CPU) seconds of each of `steps` steps."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         self.unet.train()
         wall, cpu = [], []
         for i in range(steps):
             tick, tock = time.perf_counter(), time.process_time()
-            loss = self.step(i, gen)
+            loss = float(self.step(i, gen))
             wall.append(time.perf_counter() - tick)
             cpu.append(time.process_time() - tock)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"reference loss is {float(loss)} at step {i + 1}")
+            if not math.isfinite(loss):
+                raise RuntimeError(f"reference loss is {loss} at step {i + 1}")
         self.unet.eval()
         return wall, cpu

@@ -2,6 +2,7 @@
 
     python bench/step.py [--quick] [--algos lierla,c3lier,loha,lokr] [--steps N] [--rounds R]
                          [--threads N] [--vae small|sd] [--no-p2] [--no-startup] [--no-ileco]
+                         [--model bench|sd15]
 
 For each algo (and for iLECO with lierla) it runs, in one process and interleaved to cancel drift:
 bare, trainer, bare, trainer, ..., bare. The trainer side is the real engine
@@ -13,6 +14,9 @@ medians just before and after it; P1 is the median of the rounds' ratios.
 P2 (bench/p2.py) sets the trainer's steps/s against a peft reference loop that
 VAE-encodes each step (bench/reference.py; needs peft, else "P2": null and why);
 bench/startup.py adds the start-up split and peak RSS from a fresh process.
+`--model sd15` swaps in SD1.5's own architecture at its real size (random weights, still
+256 px; slow on a CPU, so pair it with few --algos and steps) to check that the bench
+model's cost profile is SD1.5's; start-up is not measured then.
 The last line of output is one JSON object.
 """
 from __future__ import annotations
@@ -50,7 +54,12 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, work: Path):
         self.args, self.work = args, work
-        self.bundle = bench_bundle(vae=getattr(args, "vae", "scaled"))
+        if getattr(args, "model", "bench") == "sd15":
+            from bench.gpu import sd15_bundle
+
+            self.bundle = sd15_bundle()
+        else:
+            self.bundle = bench_bundle(vae=getattr(args, "vae", "scaled"))
         self.pristine = copy.deepcopy(self.bundle.unet)  # bare copies start from the same weights
         self.data = make_images(work / "data")
         self.lora_dir = work / "lora"
@@ -200,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the start-up split and peak-memory run (a child process)")
     p.add_argument("--vae", choices=("scaled", "small", "sd"), default="scaled",
                    help="the model's VAE: scaled (SD1 layout at the U-Net's width, the default), small (cheap caching) or sd (SD1 size)")
+    p.add_argument("--model", choices=("bench", "sd15"), default="bench",
+                   help="bench: the ~35M-parameter SD1-like U-Net; sd15: SD1.5's real sizes (a check, slow)")
     p.add_argument("--lokr-rebuild", action="store_true",
                    help="bare LoKr builds kron(w1, w2) each forward instead of LyCORIS's grouped bypass")
     p.add_argument("--threads", default="auto",
@@ -230,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ["TRAINDECK_JSONS"] = str(Path(tmp) / "jsons")
         b = Bench(args, Path(tmp))
         unet_params = n_params(b.bundle.unet)
-        print(f"U-Net: {unet_params:,} parameters (SD1 layout, channels 64-128-256-256), "
+        layout = "SD1.5" if args.model == "sd15" else "SD1 layout, channels 64-128-256-256"
+        print(f"U-Net: {unet_params:,} parameters ({layout}), "
               f"{PIXELS}x{PIXELS} px, batch 1, fp32, AdamW, rank 16 / alpha 8; torch {torch.__version__}, "
               f"{threads} threads ({why}); load {load_before}", flush=True)
         results = {algo: bench_algo(b, algo) for algo in args.algos}
@@ -240,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Start-up loads a single-file checkpoint, whose VAE conversion assumes SD's 32 norm groups:
     # the scaled VAE (13 groups) cannot take that path, so start-up uses the small one then.
     start_vae = "small" if args.vae == "scaled" else args.vae
-    start = {"vae": start_vae, **startup.run(threads=threads, vae=start_vae)} if args.startup else {}
+    measure_start = args.startup and args.model == "bench"  # the child process builds the bench model only
+    start = {"vae": start_vae, **startup.run(threads=threads, vae=start_vae)} if measure_start else {}
     print_table(results)
     print_extras(p2, start)
     summary = {
@@ -253,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                             for k, v in results.items()},
         "ratios_by_round": {k: [round(x, 4) for x in v["ratios"]] for k, v in results.items()},
         "modules": {k: v["modules"] for k, v in results.items()},
-        "unet_params": unet_params, "vae": args.vae, "vae_params": n_params(b.bundle.vae), **environment(), "threads_why": why,
+        "model": args.model, "unet_params": unet_params, "vae": args.vae if args.model == "bench" else "sd15", "vae_params": n_params(b.bundle.vae), **environment(), "threads_why": why,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "quick": args.quick,
         "load_avg_start": load_before, "load_avg_end": load_average(),
         "wall_s": round(time.perf_counter() - started, 1),

@@ -64,6 +64,11 @@ def test_device_bench_runs_on_the_cpu_and_reports_both_checkpointing_settings(mo
         assert abs(r["trainer_it_s"] - 1000.0 / r["trainer_ms"]) < 0.01
         assert r["peak_bytes_trainer"] is None and r["peak_bytes_bare"] is None  # no allocator statistics on a CPU
     assert summary["P1"] == summary["checkpointing_off"]["P1"] and summary["device_type"] == "cpu"
+    if peft_missing() is None:  # the reference loop ran on the device path too
+        assert summary["P2"] > 0 and len(summary["P2_by_round"]) == 1
+        assert summary["P2_ms_per_step"]["peft_attention"] > 0
+    else:
+        assert summary["P2"] is None and "peft" in summary["P2_reason"]
 
 
 def test_device_bench_peak_memory_counts_training_steps_only():
