@@ -137,3 +137,30 @@ def test_without_ema_the_file_holds_the_raw_weights(tmp_path, logs, recorded):
         assert torch.equal(saved[recorded["names"][id(p)]], raw)
     header, _ = read_log(result.logs[0])
     assert header["ema_decay"] == "0.0"
+
+
+def test_samples_are_drawn_with_the_ema_weights_and_training_goes_on_raw(tmp_path, logs, recorded, monkeypatch):
+    """Samples show what a save at that step would hold: the EMA, not the raw weights."""
+    from PIL import Image
+
+    import trainer.samples as samples
+
+    seen = {}
+
+    def fake_render(bundle, prompts, **kwargs):
+        seen[len(recorded["after"])] = [p.detach().clone().double() for p in recorded["params"]]
+        return [Image.new("RGB", (8, 8))]
+
+    monkeypatch.setattr(samples, "render_samples", fake_render)
+    data = make_images(tmp_path / "data", n=4)
+    cfg = quick_config(data, train_iterations=4, sample_every_n_steps=2, sample_prompts="pattern 0", ema_decay=0.8,
+                       train_optimizer="AdamW", train_learning_rate=1e-2)
+    result = Trainer(cfg, MemoryHost(tmp_path / "lora"), device="cpu").run()
+    assert result.status == "done" and sorted(seen) == [2, 4]
+    trajectory = [recorded["before"][0], *recorded["after"]]
+    hand = _hand_ema(trajectory, 0.8)
+    for step, weights in seen.items():
+        assert all(torch.allclose(w, h, atol=1e-6) for w, h in zip(weights, hand[step])), step
+        assert any(not torch.allclose(w, r.double()) for w, r in zip(weights, trajectory[step]))
+    # step 3 starts from step 2's raw weights, not from the EMA swapped in for the samples
+    assert all(torch.equal(a, b) for a, b in zip(recorded["before"][2], recorded["after"][1]))

@@ -230,13 +230,19 @@ class PassRunner:
             self._sample(step)
 
     def _sample(self, step: int) -> None:
-        """Render the sample prompts with the network as it is now (samples/ next to the LoRA)."""
+        """Render the sample prompts with the weights a save now would write (samples/ next to the LoRA).
+
+        With EMA, or a schedule-free optimizer, those are the averaged weights, not the raw ones.
+        """
+        from .optim import eval_weights
         from .samples import parse_prompts, render_samples, save_samples
 
         c = self.cfg
         self.t.emit(message=f"rendering samples at step {step}")
-        images = render_samples(self.bundle, parse_prompts(c.sample_prompts), negative_prompt=c.negative_prompt,
-                                steps=c.sample_steps, size=tuple(c.image_size), seed=self.seed, device=self.t.device)
+        with eval_weights(self.live.optimizer), applied(self.live.ema):
+            images = render_samples(self.bundle, parse_prompts(c.sample_prompts), negative_prompt=c.negative_prompt,
+                                    steps=c.sample_steps, size=tuple(c.image_size), seed=self.seed,
+                                    device=self.t.device)
         folder = self.t.host.lora_dir() / f"{c.save_lora_name}_samples"
         paths = save_samples(images, folder, f"{c.save_lora_name}{self.spec.suffix}_{step:06d}steps")
         self.t.emit(samples=[str(p) for p in paths], message=f"samples at step {step}")
