@@ -317,6 +317,27 @@ def test_resume_loads_and_refuses_mismatches(tmp_path) -> None:
         fresh.load_weights(tmp_path / "missing.safetensors")
 
 
+def test_network_args_carry_loraplus_block_weights_and_block_ranks_in_sd_scripts_form() -> None:
+    """What shaped the training is in ss_network_args under sd-scripts' names, where tools look for it."""
+    cfg = make_cfg(loraplus_lr_ratio=16.0, loraplus_text_encoder_lr_ratio=0.0, down_lr_weight="sine+0.5",
+                   mid_lr_weight="0.5", network_block_dims="IN04=8, OUT11=2, BASE=6")
+    args = json.loads(build_metadata(cfg, tiny_bundle("sd1"), seed=1, steps=1, started_at=1.7e9, finished_at=None,
+                                     num_images=1, tag_frequency={}, resolution=(64, 64),
+                                     extra_settings={})["ss_network_args"])
+    assert (args["loraplus_lr_ratio"], args["loraplus_text_encoder_lr_ratio"]) == ("16.0", "0.0")
+    assert "loraplus_unet_lr_ratio" not in args and "up_lr_weight" not in args  # unset stays out
+    assert (args["down_lr_weight"], args["mid_lr_weight"]) == ("sine+0.5", "0.5")
+    dims = args["block_dims"].split(",")
+    alphas = [float(a) for a in args["block_alphas"].split(",")]
+    assert len(dims) == len(alphas) == 25  # IN00-IN11, M00, OUT00-OUT11; BASE is the text encoder's
+    assert dims[4] == "8" and dims[24] == "2" and set(dims[:4] + dims[5:24]) == {"4"}
+    assert alphas[4] == 4.0 and alphas[24] == 1.0 and alphas[0] == 2.0  # alpha/rank stays 0.5
+    plain = json.loads(build_metadata(make_cfg(), tiny_bundle("sd1"), seed=1, steps=1, started_at=1.7e9,
+                                      finished_at=None, num_images=1, tag_frequency={}, resolution=(64, 64),
+                                      extra_settings={})["ss_network_args"])
+    assert plain == {"algo": "lora"}
+
+
 @pytest.mark.parametrize("ntype,dora,module,arch", [
     ("lierla", False, "networks.lora", "lora"), ("c3lier", False, "networks.lora", "lora"),
     ("loha", False, "lycoris.kohya", "lycoris"), ("lokr", False, "lycoris.kohya", "lycoris"),

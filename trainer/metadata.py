@@ -40,6 +40,35 @@ def network_args(cfg) -> dict[str, str]:
     if cfg.network_dora:
         args["dora_wd"] = "True"
         args["wd_on_output"] = "False"
+    args.update(_training_args(cfg))
+    return args
+
+
+_KOHYA_BLOCKS = [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+
+
+def _training_args(cfg) -> dict[str, str]:
+    """LoRA+ ratios, sd-scripts' block LR weights and per-block ranks, under sd-scripts' names.
+
+    block_dims/block_alphas list all 25 U-Net blocks (IN00-IN11, M00, OUT00-OUT11) as
+    sd-scripts does; alphas keep the alpha/rank ratio, as training did.
+    """
+    from .blockctl import block_dims
+
+    args: dict[str, str] = {}
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        value = getattr(cfg, key, None)
+        if value is not None and (value > 0 or key != "loraplus_lr_ratio"):
+            args[key] = _num(value)
+    for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
+        if getattr(cfg, key, ""):
+            args[key] = str(getattr(cfg, key))
+    dims = block_dims(cfg)
+    if any(b in dims for b in _KOHYA_BLOCKS):
+        rank, alpha = int(cfg.network_rank), float(cfg.network_alpha)
+        per_block = [dims.get(b, rank) for b in _KOHYA_BLOCKS]
+        args["block_dims"] = ",".join(str(d) for d in per_block)
+        args["block_alphas"] = ",".join(_num(alpha * d / rank) for d in per_block)
     return args
 
 
