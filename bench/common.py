@@ -76,10 +76,15 @@ def bench_bundle(seed: int = SEED, vae: str = "scaled") -> ModelBundle:
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=channels, layers_per_block=layers, norm_num_groups=groups, sample_size=PIXELS)
+    return frozen_sd1_bundle(unet, vae_model, te, "bench-sd1")
+
+
+def frozen_sd1_bundle(unet, vae, te, name: str) -> ModelBundle:
+    """An SD1 bundle of these models with SD1's noise schedule, every module in eval mode and frozen."""
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                           beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
-    bundle = ModelBundle(family="sd1", unet=unet, vae=vae_model, text_encoders=[te], tokenizers=[clip_tokenizer()],
-                         noise_scheduler=sched, name="bench-sd1", source="memory")
+    bundle = ModelBundle(family="sd1", unet=unet, vae=vae, text_encoders=[te], tokenizers=[clip_tokenizer()],
+                         noise_scheduler=sched, name=name, source="memory")
     for module in bundle.modules():
         module.eval().requires_grad_(False)
     return bundle

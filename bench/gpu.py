@@ -30,18 +30,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from bench import bare  # noqa: E402
 from bench.common import (LEARNING_RATE, SEED, BenchHost, StepClock, bench_bundle, bench_config,  # noqa: E402
-                          make_images, median_ms, n_params, steady)
+                          frozen_sd1_bundle, make_images, median_ms, n_params, steady)
 from trainer import devices  # noqa: E402
 from trainer.bundle import ModelBundle  # noqa: E402
 from trainer.engine import Trainer  # noqa: E402
 from trainer.networks import Network  # noqa: E402
 from trainer.textenc import encode_prompts  # noqa: E402
-from trainer.tokenizer import clip_tokenizer  # noqa: E402
 
 
 def sd15_bundle(seed: int = SEED) -> ModelBundle:
@@ -54,13 +53,7 @@ def sd15_bundle(seed: int = SEED) -> ModelBundle:
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         sample_size=512)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                          beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
-    bundle = ModelBundle(family="sd1", unet=unet, vae=vae, text_encoders=[te], tokenizers=[clip_tokenizer()],
-                         noise_scheduler=sched, name="bench-sd15", source="memory")
-    for module in bundle.modules():
-        module.eval().requires_grad_(False)
-    return bundle
+    return frozen_sd1_bundle(unet, vae, te, "bench-sd15")
 
 
 class DeviceHost(BenchHost):
