@@ -6,12 +6,10 @@ TypeError from inside a third-party package.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 
 from .kvparse import parse_settings
 from .params import ConfigError
+from .schedule_free import eval_weights, is_schedule_free, set_train_mode  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -257,36 +256,6 @@ def _probe_bitsandbytes(name: str, cls: type, groups: list[dict], kwargs: dict[s
     except Exception as err:  # bitsandbytes raises assorted errors for unsupported devices
         message = _missing_message(name, _BNB)
         raise ConfigError("train_optimizer", name, f"{message} ({type(err).__name__}: {err})") from err
-
-
-def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
-    """Schedule-free optimizers keep two weight sets and switch with .train()/.eval()."""
-    return all(callable(getattr(optimizer, m, None)) for m in ("train", "eval")) and \
-        "train_mode" in optimizer.param_groups[0]
-
-
-def set_train_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
-    """Call optimizer.train()/eval() for schedule-free optimizers; nothing for the rest."""
-    if not is_schedule_free(optimizer):
-        return
-    if training:
-        optimizer.train()
-    else:
-        optimizer.eval()
-
-
-@contextlib.contextmanager
-def eval_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Within the block the parameters hold the weights to save or sample with.
-
-    Schedule-free optimizers train on an interpolated point; the averaged weights
-    are the ones to keep, so saving must happen in eval mode.
-    """
-    set_train_mode(optimizer, False)
-    try:
-        yield
-    finally:
-        set_train_mode(optimizer, True)
 
 
 def __getattr__(name: str) -> Any:

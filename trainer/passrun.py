@@ -12,6 +12,7 @@ import torch
 
 from . import devices
 from .ema_weights import EmaWeights, applied
+from .schedule_free import eval_weights
 from .events import JobStopped
 from .losses import Ema
 from .modes.base import PassInfo, PassSpec
@@ -234,7 +235,6 @@ class PassRunner:
 
         With EMA, or a schedule-free optimizer, those are the averaged weights, not the raw ones.
         """
-        from .optim import eval_weights
         from .samples import parse_prompts, render_samples, save_samples
 
         c = self.cfg
@@ -253,7 +253,6 @@ class PassRunner:
             return
         from .networks import build_metadata
 
-        from .optim import eval_weights
 
         self.t.emit(phase="saving", message=f"saving {path.name}")
         meta = build_metadata(

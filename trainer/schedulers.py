@@ -17,7 +17,8 @@ from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, SequentialLR
 
 from .kvparse import parse_settings, parse_step_rules
-from .optim import check_settings, check_value, is_schedule_free
+from .optim import check_settings, check_value
+from .schedule_free import is_schedule_free
 from .params import ConfigError
 
 log = logging.getLogger(__name__)
