@@ -253,7 +253,6 @@ class PassRunner:
             return
         from .networks import build_metadata
 
-
         self.t.emit(phase="saving", message=f"saving {path.name}")
         meta = build_metadata(
             self.cfg, self.bundle, seed=self.seed, steps=self.steps_done, started_at=self.started,
