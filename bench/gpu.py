@@ -112,11 +112,13 @@ class GpuBench:
 
     def _bare_copy(self) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
         """A U-Net copy with bare LoRA deltas on the trainer's layers, built on the CPU in fp32."""
+        # copies made before any network hooks the bundle's layers
+        self.pristine = copy.deepcopy(self.bundle.unet) if self.args.p2 else None  # P2's peft copy starts here
+        unet = copy.deepcopy(self.bundle.unet)
         network = Network.build(self.bundle, self.cfg(1, False))
         try:
             names = {id(m): name for name, m in self.bundle.unet.named_modules()}
             targets = [(names[id(m.org_module[0])], m) for m in network.unet_modules]
-            unet = copy.deepcopy(self.bundle.unet)
             deltas = bare.attach(unet, "lierla", targets)
             worst = bare.check_same_math(deltas, targets)
         finally:
@@ -197,7 +199,7 @@ class DeviceReference:
         from bench.common import ALPHA, RANK
 
         self.b = b
-        self.unet, params = reference.with_peft_lora(b.bundle.unet, RANK, ALPHA, list(reference.ATTENTION_TARGETS))
+        self.unet, params = reference.with_peft_lora(b.pristine, RANK, ALPHA, list(reference.ATTENTION_TARGETS))
         self.params = params
         self.make = lambda: reference.Reference(b.bundle, self.unet, params, b.data, LEARNING_RATE, device=b.device,
                                                 autocast=lambda: devices.autocast(b.device, b.dtype))

@@ -123,3 +123,18 @@ def test_bare_loop_uses_autocast_and_the_frozen_dtype(monkeypatch):
                                autocast=Ctx)
     assert len(wall) == len(cpu) == 2 and len(entered) == 2
     assert seen == [(torch.float64, torch.float64)] * 2
+
+
+def test_device_bench_bare_copy_runs_the_plain_layers_plus_its_own_delta_only(monkeypatch, tmp_path):
+    """Each hooked layer of the bare copy calls its own original forward, not a LyCORIS hook copied along."""
+    from bench import gpu
+    from tests.tiny import tiny_bundle
+
+    monkeypatch.setattr(gpu, "bench_bundle", lambda vae: tiny_bundle())
+    b = gpu.GpuBench(gpu.parse_args(["--device", "cpu", "--tiny", "--dtype", "fp32"]), tmp_path)
+    assert len(b.deltas) > 0
+    layers = {id(m): m for m in b.bare_unet.modules()}
+    for delta in b.deltas:
+        layer = delta.org_forward.__self__
+        assert id(layer) in layers and layer.forward == delta.forward
+        assert type(layer).forward is delta.org_forward.__func__  # the layer's class forward: nn.Linear's
