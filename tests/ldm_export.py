@@ -60,6 +60,20 @@ def _rename(sd: dict, prefixes: list[tuple[str, str, list]], what: str) -> dict:
     return out
 
 
+def unet_module_paths(unet) -> dict[str, str]:
+    """diffusers module path -> checkpoint-layout module path, for every U-Net layer with weights."""
+    names = [n for n, _ in unet.named_parameters()]
+    ldm = _rename({n: torch.tensor(float(i)) for i, n in enumerate(names)}, _unet_prefixes(unet), "unet")
+    return {names[int(v)].rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k, v in ldm.items()}
+
+
+def kohya_unet_name(family: str, path: str, paths: dict[str, str]) -> str:
+    """The file key of a U-Net layer: SDXL files use the checkpoint layout (`paths`, from
+    unet_module_paths), SD1/SD2 diffusers paths."""
+    target = paths[path] if family == "sdxl" else path
+    return "lora_unet_" + target.replace(".", "_")
+
+
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     sd = _rename(unet.state_dict(), _unet_prefixes(unet), "unet")
     return {"model.diffusion_model." + k: v for k, v in sd.items()}

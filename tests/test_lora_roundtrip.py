@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.ldm_export import kohya_unet_name, unet_module_paths
 from tests.tiny import tiny_bundle
 from trainer.config import TrainConfig
 from trainer.networks import Network
@@ -89,8 +90,10 @@ def test_diffusers_reload_matches(tmp_path, family: str, ntype: str) -> None:
 
 # ---- independent merge (A1111 built-in Lora arithmetic) ------------------------
 def kohya_modules(bundle) -> dict[str, nn.Module]:
-    """kohya name -> module of a bundle, text encoders named through ``text_model``."""
-    out = {"lora_unet_" + n.replace(".", "_"): m for n, m in bundle.unet.named_modules() if n}
+    """File key -> module of a bundle, text encoders named through ``text_model``
+    (SDXL U-Net keys in the checkpoint layout, through tests/ldm_export's mapping)."""
+    paths = unet_module_paths(bundle.unet)
+    out = {kohya_unet_name(bundle.family, n, paths): m for n, m in bundle.unet.named_modules() if n in paths}
     prefixes = ["lora_te"] if len(bundle.text_encoders) == 1 else ["lora_te1", "lora_te2"]
     for prefix, te in zip(prefixes, bundle.text_encoders):
         lead = "" if hasattr(te, "text_model") else "text_model."  # transformers 5 CLIPTextModel

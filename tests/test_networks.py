@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.ldm_export import kohya_unet_name, unet_module_paths
 from tests.tiny import tiny_bundle
 from trainer.blocks import block_id, family_block_ids
 from trainer.config import TrainConfig
@@ -27,16 +28,18 @@ def make_cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def unet_layers(unet: nn.Module, with_convs: bool) -> dict[str, nn.Module]:
-    """kohya name -> layer, derived here from the model: Linear and conv layers inside
-    Transformer2DModel, plus ResNet/sampler layers when 3x3 convs are trained."""
+def unet_layers(unet: nn.Module, with_convs: bool, family: str = "sd1") -> dict[str, nn.Module]:
+    """File key -> layer, derived here from the model: Linear and conv layers inside
+    Transformer2DModel, plus ResNet/sampler layers when 3x3 convs are trained
+    (SDXL keys in the checkpoint layout, through tests/ldm_export's mapping)."""
     kinds = ("Transformer2DModel",) + (("ResnetBlock2D", "Downsample2D", "Upsample2D") if with_convs else ())
     out = {}
+    paths = unet_module_paths(unet)
     for cpath, container in unet.named_modules():
         if type(container).__name__ in kinds:
             for sub, m in container.named_modules():
                 if isinstance(m, (nn.Linear, nn.Conv2d)):
-                    out["lora_unet_" + f"{cpath}.{sub}".replace(".", "_")] = m
+                    out[kohya_unet_name(family, f"{cpath}.{sub}", paths)] = m
     return out
 
 
@@ -73,7 +76,7 @@ def test_lora_locon_keys_and_shapes(tmp_path, family: str, ntype: str) -> None:
     bundle = tiny_bundle(family)
     net = Network.build(bundle, make_cfg(network_type=ntype), train_text_encoder=False)
     sd = load_file(str(net.save(tmp_path / "n.safetensors", dtype=torch.float16, metadata={})))
-    layers = unet_layers(bundle.unet, with_convs=ntype == "c3lier")
+    layers = unet_layers(bundle.unet, with_convs=ntype == "c3lier", family=family)
     assert set(sd) == {f"{n}.{s}" for n in layers for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert (ntype == "c3lier") == any(m.kernel_size == (3, 3) for m in layers.values() if isinstance(m, nn.Conv2d))
     for name, m in layers.items():
@@ -93,7 +96,7 @@ def test_lora_locon_keys_and_shapes(tmp_path, family: str, ntype: str) -> None:
 def test_loha_keys_and_shapes(family: str) -> None:
     bundle = tiny_bundle(family)
     sd = Network.build(bundle, make_cfg(network_type="loha"), train_text_encoder=False).state_dict_kohya()
-    layers = unet_layers(bundle.unet, with_convs=True)
+    layers = unet_layers(bundle.unet, with_convs=True, family=family)
     suffixes = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")
     assert set(sd) == {f"{n}.{s}" for n in layers for s in suffixes}
     for name, m in layers.items():
@@ -108,7 +111,7 @@ def test_loha_keys_and_shapes(family: str) -> None:
 def test_lokr_keys_and_kron_shapes(family: str) -> None:
     bundle = tiny_bundle(family)
     sd = Network.build(bundle, make_cfg(network_type="lokr"), train_text_encoder=False).state_dict_kohya()
-    layers = unet_layers(bundle.unet, with_convs=True)
+    layers = unet_layers(bundle.unet, with_convs=True, family=family)
     assert modules_of(sd) == set(layers)
     halves = 0
     for name, m in layers.items():
@@ -166,7 +169,7 @@ def test_element_filter(family: str, element: str, attn: str) -> None:
     sd = Network.build(bundle, make_cfg(network_type="c3lier", network_element=element)).state_dict_kohya()
     names = modules_of(sd)
     assert names and all(n.startswith("lora_unet") for n in names)  # no text encoder with an element
-    expected = {n for n in unet_layers(bundle.unet, True) if f"_{attn}_" in n}
+    expected = {n for n in unet_layers(bundle.unet, True, family=family) if f"_{attn}_" in n}
     assert names == expected
 
 
@@ -179,7 +182,7 @@ def test_block_filter(family: str, blocks: list[str]) -> None:
     found = {block_id(family, paths[n]) for n in net.module_names()}
     wanted = set(blocks) & set(family_block_ids(family))  # IDs the family lacks are ignored
     assert found == wanted
-    all_layers = unet_layers(bundle.unet, True)
+    all_layers = unet_layers(bundle.unet, True)  # in-memory (diffusers) names, as module_names() gives
     assert set(net.module_names()) == {n for n in all_layers if block_id(family, paths[n]) in wanted}
 
 

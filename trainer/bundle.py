@@ -14,6 +14,9 @@ MODELSPEC_ARCH = {
     "sd2": "stable-diffusion-v2-768-v",
     "sdxl": "stable-diffusion-xl-v1-base",
 }
+# Families whose LoRA files name U-Net modules in the original-model layout, as sd-scripts
+# writes them (SD1/SD2 files keep diffusers names, which every consumer converts correctly).
+LDM_UNET_KEYS = frozenset({"sdxl"})
 
 
 @dataclass
@@ -46,6 +49,11 @@ class ModelBundle:
     @property
     def is_sdxl(self) -> bool:
         return self.family == "sdxl"
+
+    @property
+    def ldm_unet_keys(self) -> bool:
+        """Whether LoRA files name this U-Net's modules in the original-model layout."""
+        return self.family in LDM_UNET_KEYS
 
     @property
     def model_version(self) -> str:

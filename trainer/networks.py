@@ -18,6 +18,7 @@ from torch import Tensor
 from .blocks import block_id
 from .devices import DTYPES
 from .fsutil import atomic_path
+from .ldm_names import kohya_unet_renames
 from .metadata import STRENGTH_KEY, build_metadata
 from .netbuild import NetworkSpec, create_lycoris, quiet_lycoris
 from .netfile import check_resume, scale_strength
@@ -45,11 +46,15 @@ def _drop_plain_forward(module: torch.nn.Module) -> None:
 class Network:
     """A LyCORIS network hooked into a ModelBundle's U-Net and text encoder(s)."""
 
-    def __init__(self, lyco, spec: NetworkSpec, family: str, plan: GroupPlan | None = None):
+    def __init__(self, lyco, spec: NetworkSpec, family: str, plan: GroupPlan | None = None,
+                 file_names: dict[str, str] | None = None):
         self.lyco = lyco
         self.spec = spec
         self.family = family
         self.plan = plan or GroupPlan()
+        # in-memory kohya module name -> the name written to files, where they differ
+        self.file_names = dict(file_names or {})
+        self._memory_names = {v: k for k, v in self.file_names.items()}
         self._multiplier = 1.0
         self._attached = True
         self._removed = False
@@ -76,7 +81,9 @@ class Network:
             # Parameters only: alpha buffers stay fp32 so alpha/rank is exact in the file.
             for param in lyco.parameters():
                 param.data = param.data.to(dtype)
-        net = cls(lyco, spec, bundle.family, GroupPlan.from_config(cfg))
+        renames = (kohya_unet_renames(bundle.unet, [m.lora_name for m in lyco.unet_loras])
+                   if bundle.ldm_unet_keys else {})
+        net = cls(lyco, spec, bundle.family, GroupPlan.from_config(cfg), renames)
         for param in frozen_params(net.plan, bundle.family, net._parts()):
             param.requires_grad_(False)  # a block of learning-rate weight 0 never trains
         log.info("network %s: %d U-Net and %d text-encoder modules, %d parameters",
@@ -184,11 +191,22 @@ class Network:
         self._removed = True
 
     # ---- files -------------------------------------------------------------
+    def _renamed(self, sd: dict[str, Tensor], names: dict[str, str]) -> dict[str, Tensor]:
+        out = {}
+        for key, value in sd.items():
+            module, dot, tensor = key.partition(".")
+            out[names.get(module, module) + dot + tensor] = value
+        return out
+
+    def file_module_names(self) -> list[str]:
+        """Module names as files hold them (original-model layout for SDXL's U-Net)."""
+        return [self.file_names.get(n, n) for n in self.module_names()]
+
     def state_dict_kohya(self, dtype: torch.dtype | None = None, strength: float = 1.0) -> dict[str, Tensor]:
-        """kohya/A1111-named tensors on the CPU; `strength` is baked into the deltas."""
+        """Tensors under the names files use, on the CPU; `strength` is baked into the deltas."""
         with torch.no_grad():
             raw = {k: v.detach() for k, v in self.lyco.state_dict().items()}
-        scaled = scale_strength(raw, float(strength))
+        scaled = self._renamed(scale_strength(raw, float(strength)), self.file_names)
         out = {}
         for key, value in scaled.items():
             value = value.to(device=torch.device("cpu"))
@@ -222,6 +240,8 @@ class Network:
                 meta = fh.metadata() or {}
         except (SafetensorError, OSError, ValueError) as exc:
             raise ConfigError("network_resume", str(path), f"is not a readable .safetensors file ({exc})") from exc
+        # Files written before SDXL keys moved to the original layout hold in-memory names: both load.
+        file_sd = self._renamed(file_sd, self.file_names)
         check_resume(path, file_sd, self.state_dict_kohya())
         try:
             strength = float(meta.get(STRENGTH_KEY, "1.0"))
@@ -232,4 +252,4 @@ class Network:
         if not math.isfinite(strength):
             raise ConfigError("network_resume", str(path), f"has {STRENGTH_KEY} {strength}; it must be a finite number")
         file_sd = scale_strength(file_sd, 1.0 / strength)  # undo the strength baked in at save
-        self.lyco.load_state_dict(file_sd, strict=True)
+        self.lyco.load_state_dict(self._renamed(file_sd, self._memory_names), strict=True)
