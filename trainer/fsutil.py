@@ -5,6 +5,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,7 +61,12 @@ def atomic_path(final: Path | str, overwrite: bool = False, field: str = "output
     try:
         if final.exists():  # a replaced file keeps its permissions
             shutil.copymode(final, tmp)
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
+        # Some writers replace the file they are given (safetensors 0.8's save_file creates its
+        # own, 0600): the mode decided above is put back whatever the writer did.
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         _fsync(tmp)
         if not overwrite and final.exists():
             raise FileExistsError(f"{field}: {final} appeared while writing; not replaced")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .bundle import MODELSPEC_ARCH
@@ -72,6 +73,35 @@ def _training_args(cfg) -> dict[str, str]:
     return args
 
 
+def file_name_only(value: str) -> str:
+    """The last part of a path ('C:\\a\\m.safetensors' and '/a/m.safetensors' give 'm.safetensors').
+
+    People share LoRA files: their headers must not carry the trainer's disk layout
+    (user names, folder names). A WebUI title like 'm.safetensors [abc123]' is kept whole.
+    """
+    text = str(value)
+    if not text:
+        return text
+    return PureWindowsPath(PurePosixPath(text).name).name
+
+
+def shareable_settings(settings: dict[str, Any], path_keys: set[str]) -> dict[str, Any]:
+    """Preset-shaped settings with every path field reduced to its file or folder name."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out[key] = shareable_settings(value, path_keys)
+        elif key in path_keys and isinstance(value, str):
+            out[key] = file_name_only(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _path_keys(cfg) -> set[str]:
+    return {p.key for _, p in type(cfg).params() if p.kind == "path"}
+
+
 def _num(x: float) -> str:
     """8.0 -> '8.0', 1e-4 -> '0.0001': kohya writes Python's str() of the number."""
     return str(float(x))
@@ -116,7 +146,7 @@ def build_metadata(cfg, bundle, *, seed: int, steps: int, started_at: float, fin
         "ss_base_model_version": bundle.model_version,
         "ss_v2": str(bundle.family == "sd2"),
         "ss_v_parameterization": str(bool(bundle.v_pred)),
-        "ss_sd_model_name": bundle.name,
+        "ss_sd_model_name": file_name_only(bundle.name),
         "ss_resolution": f"({width}, {height})",
         "ss_training_started_at": repr(float(started_at)),
         "ss_output_name": cfg.save_lora_name,
@@ -132,7 +162,7 @@ def build_metadata(cfg, bundle, *, seed: int, steps: int, started_at: float, fin
         "modelspec.title": cfg.save_lora_name,
         "modelspec.date": _iso(finished_at if finished_at is not None else started_at),
         "modelspec.resolution": f"{width}x{height}",
-        SETTINGS_KEY: json.dumps(cfg.to_dict(), ensure_ascii=False),
+        SETTINGS_KEY: json.dumps(shareable_settings(cfg.to_dict(), _path_keys(cfg)), ensure_ascii=False),
     }
     if finished_at is not None:
         meta["ss_training_finished_at"] = repr(float(finished_at))
