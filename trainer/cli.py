@@ -56,22 +56,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _known(key: str) -> bool:
+    key = key[len(SECOND_PASS_PREFIX):].strip() if key.startswith(SECOND_PASS_PREFIX) else key
+    try:
+        TrainConfig.param_for(key)
+    except KeyError:
+        return False
+    return True
+
+
+def split_set(item: str) -> tuple[str, str]:
+    """KEY and VALUE of one --set item.
+
+    Some preset keys hold '=' themselves (``network_blocks(BASE = TextEncoder)``) and
+    values may too (``train_optimizer_settings=weight_decay=0.01``): the split is at the
+    last '=' whose left side is a known key. A key may also be quoted: ``"KEY"=VALUE``.
+    """
+    text = item.strip()
+    if text[:1] in ("'", '"'):
+        end = text.find(text[0], 1)
+        rest = text[end + 1:].lstrip() if end > 0 else ""
+        if end < 0 or not rest.startswith("="):
+            raise ConfigError("--set", item, "expected \"KEY\"=VALUE")
+        return text[1:end].strip(), rest[1:]
+    cuts = [i for i, c in enumerate(item) if c == "="]
+    if not cuts or not item[:cuts[0]].strip():
+        raise ConfigError("--set", item, "expected KEY=VALUE")
+    for cut in reversed(cuts):
+        if _known(item[:cut].strip()):
+            return item[:cut].strip(), item[cut + 1:]
+    return item[:cuts[0]].strip(), item[cuts[0] + 1:]  # unknown either way: named in the error
+
+
 def parse_sets(items: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
     """(overrides, second-pass overrides) from KEY=VALUE items; ``2nd pass.KEY=VALUE`` goes to the second."""
     out: dict[str, str] = {}
     second: dict[str, str] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError("--set", item, "expected KEY=VALUE")
-        key = key.strip()
+        key, value = split_set(item)
         target = out
         if key.startswith(SECOND_PASS_PREFIX):
             key, target = key[len(SECOND_PASS_PREFIX):].strip(), second
-        try:
-            TrainConfig.param_for(key)
-        except KeyError:
-            raise ConfigError("--set", item, f"unknown setting {key!r}; see --help for the list") from None
+        if not _known(key):
+            raise ConfigError("--set", item, f"unknown setting {key!r}; see --help for the list")
         target[key] = value
     return out, second
 
