@@ -11,6 +11,7 @@ TRAINDECK_TORCH_INDEX (an extra index for the torch wheel), TRAINDECK_PROFILE_TI
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -19,10 +20,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 REQ = ROOT / "requirements"
@@ -48,6 +52,7 @@ PROFILES = {
     "a1111": Profile("a1111", ("-m", "not needs_peft"), ("peft",)),
     "forge": Profile("forge", (), ()),
     "latest": Profile("latest", ("-m", "not ui"), (), ui=False),
+    "neo": Profile("neo", ("-m", "not ui"), (), ui=False),
 }
 
 
@@ -169,8 +174,34 @@ def check_pins(profile: Profile, venv: Path) -> None:
         raise SetupError("host pins moved:\n    " + "\n    ".join(problems))
 
 
+@contextmanager
+def build_lock(profile: Profile) -> Iterator[None]:
+    """One build of a profile's venvs at a time, across processes (run_ui.py, this runner, CI).
+
+    A build removes unfinished and outdated venvs of its profile: without the lock, two
+    builds started together would delete each other's work.
+    """
+    folder = venvs_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{profile.name}.lock", "a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"  waiting for another build of the {profile.name} venv to finish ({fh.name})", flush=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def prepare(profile: Profile) -> Path:
     """The profile's venv, built or reused, with install.py run and the pins checked."""
+    with build_lock(profile):
+        return _prepare_locked(profile)
+
+
+def _prepare_locked(profile: Profile) -> Path:
     venv = venvs_dir() / f"{profile.name}-{fingerprint(profile)}"
     if (venv / MARKER).is_file():
         print(f"  reusing {venv}; install.py:", flush=True)
@@ -199,6 +230,74 @@ def workers() -> list[str]:
     return ["-n", str(cpus)] if cpus > 1 else []
 
 
+# pytest's closing line, with or without -q's missing '=' frame: "=== 3 passed, 1 warning in 2.10s ==="
+SUMMARY_LINE = re.compile(r"^=*\s*((?:\d+ [a-z]+(?:, )?)+|no tests ran) in [0-9.]+s(?: \([0-9:]+\))?\s*=*$")
+CRASH_MARKS = ("node down:", "crashed while running", "replacing crashed worker", "Maximum crashed workers",
+               "PluggyTeardownRaisedWarning", "INTERNALERROR")
+
+
+def summary_counts(line: str) -> dict[str, int]:
+    """{'passed': 3, 'failed': 1, ...} from pytest's closing line."""
+    return {word.rstrip("s") if word in ("errors", "warnings") else word: int(n)
+            for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|warnings?|xfailed|xpassed)",
+                                      line)}
+
+
+def judge(code: int, lines: list[str], xml: Path) -> tuple[tuple[int, int, int], list[str]]:
+    """((passed, failed, skipped), problems) of a finished pytest run.
+
+    A run counts only when pytest printed its closing line, no worker crashed, and the junit
+    file is complete and agrees with that line: a dead worker or a killed pytest can leave
+    an exit code of 0, no summary, or a junit file that lists only part of the tests.
+    """
+    problems: list[str] = []
+    closing = next((line for line in reversed(lines) if SUMMARY_LINE.match(line.strip())), None)
+    if closing is None:
+        problems.append("pytest ended without its summary line")
+    crashes = [line.strip() for line in lines if any(mark in line for mark in CRASH_MARKS)]
+    if crashes:
+        problems.append(f"a test worker or pytest itself crashed: {crashes[0][:160]}")
+    counts = (0, 0, 0)
+    try:
+        counts = junit_counts(xml)
+    except FileNotFoundError:
+        problems.append("the junit file is missing")
+    except ET.ParseError as exc:
+        problems.append(f"the junit file is incomplete ({exc})")
+    if closing is not None and xml.is_file() and not problems:
+        said = summary_counts(closing)
+        want = (said.get("passed", 0), said.get("failed", 0) + said.get("error", 0), said.get("skipped", 0))
+        if want != counts:
+            problems.append(f"the junit file lists {counts} (passed, failed, skipped), pytest said {want}")
+    if code not in (0, 1) and not problems:
+        problems.append(f"pytest exited with {code}")
+    return counts, problems
+
+
+def stream(cmd: list[str], timeout: float) -> tuple[int, list[str], bool]:
+    """Run `cmd`, echoing its output and keeping it; (exit code, lines, timed out)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, stop)
+    timer.start()
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            lines.append(line.rstrip("\n"))
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    sys.stdout.flush()
+    return code, lines, fired.is_set()
+
+
 def run_pytest(profile: Profile, venv: Path, extra: list[str], result: Result) -> None:
     timeout = float(os.environ.get("TRAINDECK_PROFILE_TIMEOUT", "1500"))
     with tempfile.TemporaryDirectory(prefix="traindeck-junit-") as tmp:
@@ -207,16 +306,15 @@ def run_pytest(profile: Profile, venv: Path, extra: list[str], result: Result) -
                "--durations=10", f"--junitxml={xml}", *extra]  # durations keep slow tests in view
         print(f"  $ {' '.join(cmd[1:])}", flush=True)
         start = time.monotonic()
-        try:
-            code = subprocess.run(cmd, check=False, cwd=ROOT, env=child_env(), timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code, result.note = -1, f"pytest ran past {timeout:.0f} s and was stopped"
+        code, lines, timed_out = stream(cmd, timeout)
         result.test_s = time.monotonic() - start
-        if xml.is_file():
-            result.passed, result.failed, result.skipped = junit_counts(xml)
-    if code == 5 or (code == 0 and result.passed == 0):
-        result.note = result.note or "no test ran"
-    result.ok = code == 0 and result.passed > 0
+        (result.passed, result.failed, result.skipped), problems = judge(code, lines, xml)
+    if timed_out:
+        problems.insert(0, f"pytest ran past {timeout:.0f} s and was stopped")
+    if code == 5 or (code == 0 and result.passed == 0 and not problems):
+        problems.append("no test ran")
+    result.note = "; ".join(problems)
+    result.ok = code == 0 and result.passed > 0 and not problems
 
 
 def ensure_chromium() -> None:
