@@ -40,7 +40,7 @@ def network_args(cfg) -> dict[str, str]:
         args["conv_alpha"] = _num(cfg.network_conv_alpha or cfg.network_alpha)
     if cfg.network_dora:
         args["dora_wd"] = "True"
-        args["wd_on_output"] = "False"
+        args["wd_on_output"] = str(bool(cfg.network_dora_on_output))
     args.update(_training_args(cfg))
     return args
 

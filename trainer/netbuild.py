@@ -48,6 +48,7 @@ class NetworkSpec:
     element: str
     train_text_encoder: bool
     block_dims: tuple[tuple[str, int], ...] = ()  # (block ID, rank) where it differs from `rank`
+    dora_on_output: bool = False  # DoRA magnitude per output channel instead of per input channel
 
     @property
     def algo(self) -> str:
@@ -83,6 +84,7 @@ class NetworkSpec:
             conv_alpha=float(cfg.network_conv_alpha or cfg.network_alpha),
             dora=bool(cfg.network_dora), blocks=tuple(cfg.network_blocks),
             element=cfg.network_element, train_text_encoder=te, block_dims=dims,
+            dora_on_output=bool(cfg.network_dora_on_output),
         )
 
     def rank_groups(self) -> list["NetworkSpec"]:
@@ -221,6 +223,7 @@ def _construct(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
         multiplier=1.0, lora_dim=spec.rank, alpha=spec.alpha,
         conv_lora_dim=spec.conv_rank if spec.trains_convs else 0, conv_alpha=spec.conv_alpha,
         network_module=spec.algo, weight_decompose=spec.dora,
-        wd_on_out=False,  # per-input-channel magnitude: what A1111 and Forge apply
+        # Per input channel by default: the only axis A1111 1.10 applies (Forge and ComfyUI read both).
+        wd_on_out=spec.dora_on_output,
         bypass_mode=spec.bypass, warn_on_unmatched=False,
     )

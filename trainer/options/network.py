@@ -18,6 +18,7 @@ class NetworkOptions:
     down_lr_weight: str = param("str", "", "Down LR weight", "sd-scripts form: 12 comma-separated multipliers for IN00-IN11, or sine, cosine, linear, reverse_linear, zeros with an optional +number (SDXL uses the first 9).")
     mid_lr_weight: str = param("str", "", "Mid LR weight", "sd-scripts form: one multiplier for M00.")
     up_lr_weight: str = param("str", "", "Up LR weight", "sd-scripts form: 12 comma-separated multipliers for OUT00-OUT11, or a preset name as for down (SDXL uses the first 9).")
+    network_dora_on_output: bool = param("bool", False, "DoRA magnitude per output channel", "Off (default): the DoRA magnitude is per input channel, which A1111 1.10, Forge and ComfyUI apply. On: per output channel, the layout LyCORIS's own loader (lycoris.kohya.create_network_from_weights, as sd-scripts uses it) reads; Forge and ComfyUI apply it too, A1111 1.10 applies it wrongly.")
     network_block_dims: str = param("str", "", "Block ranks", "Per-block rank (dim), e.g. IN04=8, OUT11=32 (BASE = text encoder); unnamed blocks use the rank. Alpha keeps the alpha/rank ratio.")
 
     def check(self) -> None:
