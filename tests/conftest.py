@@ -18,6 +18,10 @@ if sys.path[:1] != [str(ROOT)]:
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_name] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The suite runs one test process per core next to others on shared CPUs: OpenMP waiters
+# that spin would steal cores from the other processes. This is the tests' setting (the
+# CLI, the app and the WebUI job keep PyTorch's own default); child processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The UI tests need gradio; the profile without a WebUI has none, so they are not even collected
 # there (the `ui` marker deselects them too, but collection would import gradio first).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,18 @@ def test_module_entry_point_runs_a_job(job, model_file):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 1
     assert (out / "tiny.safetensors").is_file()
+
+
+def test_the_cli_keeps_pytorchs_thread_defaults(tmp_path):
+    """The CLI sets no OpenMP policy and no thread count: a job gets every core it is given."""
+    probe = ("import atexit, os, sys, torch\n"
+             "cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()\n"
+             "atexit.register(lambda: print('PROBE', os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads(), cores))\n"
+             "sys.argv = ['trainer', '--help']\n"
+             "import runpy\n"
+             "runpy.run_module('trainer', run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    line = next(l for l in done.stdout.splitlines() if l.startswith("PROBE"))
+    _, policy, threads, cores = line.split()
+    assert policy == "None" and threads == cores
