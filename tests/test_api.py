@@ -28,6 +28,16 @@ USERS = {"alice": "s3cret:with:colons", "bob": "hunter2"}
 
 
 
+@pytest.fixture(autouse=True, scope="module")
+def demo_images(demo_root):
+    """Jobs name the demo's images explicitly: an empty image folder is refused."""
+    from trainer.demo import ensure_demo
+
+    QUICK["lora_data_directory"] = str(ensure_demo(demo_root)[1])
+    yield
+    del QUICK["lora_data_directory"]
+
+
 def client_for(app, credentials=None) -> TestClient:
     api = FastAPI()
     mount(api, app.ctl, credentials)
@@ -69,7 +79,7 @@ def url(path: str) -> str:
 
 
 def settings(name: str, **changes) -> dict:
-    """Preset-shaped settings of a quick demo job (the app's fallbacks fill model and images)."""
+    """Preset-shaped settings of a quick demo job on the demo's images (the app's fallback fills the model)."""
     return load_preset("LoRA_Demo").with_overrides({**QUICK, "save_lora_name": name, **changes}).to_dict()
 
 
@@ -105,7 +115,7 @@ def test_presets_and_schema(client, app):
     size = next(r for r in rows if r["name"] == "image_size")
     assert size == {"key": "image_size(height, width)", "name": "image_size", "kind": "size",
                     "label": "Image size (height, width)", "help": size["help"], "choices": [],
-                    "modes": ["LoRA", "iLECO", "Multi-ADDifT"], "section": "required",
+                    "modes": ["LoRA", "iLECO", "Multi-ADDifT"], "section": "required", "group": "",
                     "minimum": 16, "maximum": 8192, "default": "512"}
     optimizer = next(r for r in rows if r["key"] == "train_optimizer")
     assert "AdamW" in optimizer["choices"] and optimizer["default"] == "AdamW"
