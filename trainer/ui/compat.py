@@ -54,6 +54,18 @@ def image_input(label: str, elem_id: str):
                 sources=["upload", "clipboard"], source="upload")
 
 
+def image_output(label: str, elem_id: str):
+    """An image the app shows (a preview), whole rather than cropped."""
+    return make(gr.Image, label=label, type="pil", interactive=False, elem_id=elem_id, height=260,
+                show_download_button=True)
+
+
+def then_js(dependency: Any, js: str, inputs: list) -> None:
+    """Run the browser function `js` on `inputs` once the event's own outputs are shown."""
+    key = "js" if GRADIO_MAJOR >= 4 else "_js"
+    dependency.then(None, inputs=inputs, outputs=None, **{key: js})
+
+
 def run_js_on_load(blocks: gr.Blocks, js: str) -> None:
     """Run `js` (the body of javascript/*.js) once the page has loaded (3.x `_js`, 4.x `js`)."""
     code = f"() => {{\n{js}\n}}"

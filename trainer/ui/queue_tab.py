@@ -1,11 +1,14 @@
 """The Queue and Plot tabs."""
 from __future__ import annotations
 
+import json
+
 import gradio as gr
 
 from ..paths import logs_dir
 from .compat import make, on
-from .controller import QUEUE_HEADERS, Controller
+from .controller import Controller
+from .feed import QUEUE_HEADERS
 from .train_tab import guarded
 
 
@@ -34,6 +37,15 @@ class QueueTab:
         pick = ids.get(self.ctl.job_id(keep)) if keep else None
         rows = self.ctl.queue_rows()
         return [gr.update(value=rows or [[""] * len(QUEUE_HEADERS)]), gr.update(choices=choices, value=pick), note]
+
+    def poll(self, pick: str | None, seen: str) -> list:
+        """Every few seconds: the table and the job list together, when either changed since this
+        page last got them (the pick is kept while its job exists)."""
+        now = json.dumps([self.ctl.queue_rows(), self.ctl.job_choices()], default=str)
+        if now == seen:
+            return [gr.update(), gr.update(), seen]
+        table, job, _ = self.view(keep=pick)
+        return [table, job, now]
 
     def _act(self, action) -> callable:
         def run(choice: str | None) -> list:
