@@ -38,6 +38,13 @@ def _listed(field: str, value: str, names: list[str], folders: list[Path]) -> No
     raise ConfigError(field, value, f"is not in the {field} list; jobs from the UI and API use listed {field}s only")
 
 
+def _upload_name(path: str) -> str:
+    """How an error names an uploaded image: its file name where the browser kept it (gradio 3
+    hands every image over as image.png, so there it is only "your upload")."""
+    name = Path(path).name
+    return "(your upload)" if Path(name).stem == "image" else name
+
+
 def _renamed(exc: ConfigError, names: Mapping[str, str]) -> ConfigError:
     """`exc` with the stored copies of uploaded images named by the files the user uploaded."""
     value, problem = exc.value, exc.problem
@@ -109,7 +116,7 @@ class Controller:
             given = values.get(field)
             values[field] = form.persist_upload(given, self.uploads, field)
             if given:
-                names[values[field]] = Path(given).name
+                names[values[field]] = _upload_name(given)
         try:
             return self.admit(form.config_from(values, second, self.fallbacks))
         except ConfigError as exc:
