@@ -282,6 +282,25 @@ def test_a_duplicate_name_is_refused(client):
     assert len(client.get(url("/jobs")).json()) == 1
 
 
+def test_a_job_that_would_fail_later_is_refused_when_added(client, app, tmp_path):
+    """The checks the Train tab runs: the API names the preset key, and nothing is queued."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "taken.safetensors").write_bytes(b"x")
+    cases = [
+        ({"lora_data_directory": ""}, "lora_data_directory", "no image folder given"),
+        ({"lora_data_directory": str(tmp_path / "nope")}, "lora_data_directory", "folder does not exist"),
+        ({"lora_data_directory": str(tmp_path / "empty")}, "lora_data_directory", "folder has no images"),
+        ({"save_lora_name": "taken"}, "save_lora_name", "taken.safetensors already exists"),
+    ]
+    for overrides, field, problem in cases:
+        response = client.post(url("/jobs"), json={"preset": "LoRA_Demo", "overrides": {**QUICK, **overrides}})
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert detail["field"] == field and detail["message"].startswith(f"{field}: ") and problem in detail["message"]
+    assert client.get(url("/jobs")).json() == []
+
+
 @pytest.mark.parametrize("body", [{"offset": "up"}, {"offset": True}, {"offset": 1.5}, {}, ["offset"], None])
 def test_a_bad_move_is_422_naming_offset(shared_client, body):
     client = shared_client
