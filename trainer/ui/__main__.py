@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
-from ..paths import ROOT, logs_dir
+# Spinning OpenMP waiters make CPU training collapse when other programs share the cores (the
+# demo's 60 steps: 114 s instead of 15 s on a loaded 2-core machine); set before torch is
+# imported, as the CLI does (an explicit setting in the environment wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from ..paths import ROOT, logs_dir  # noqa: E402  (after the environment is set)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
