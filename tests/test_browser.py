@@ -23,8 +23,9 @@ def test_demo_trains_plots_and_queues_in_a_browser(server):
         field(page, "traindeck-train-iterations").fill("20")
         field(page, "traindeck-save-lora-name").fill("browser")
         page.locator("#traindeck-start").click()
-        wait_text(page, "traindeck-message", "queued browser", 30)
+        wait_text(page, "traindeck-message", "browser", 30)  # queued, then started: the latest event
         wait_text(page, "traindeck-status", "browser done", 300)
+        wait_text(page, "traindeck-message", "browser done: saved", 30)
         assert (tmp / "out" / "browser.safetensors").is_file()
         page.screenshot(path=str(ARTIFACTS / "ui-train.png"), full_page=True)
 

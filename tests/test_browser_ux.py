@@ -91,11 +91,22 @@ def check_live_queue(page, tmp) -> None:
     until(lambda: options.count() == 3, 10, "three jobs in the Job list")
     page.keyboard.press("Escape")
     page.locator("#traindeck-queue-start").click()
-    until(lambda: table.inner_text().count("done") == 2 and "failed" in table.inner_text(), 240,
-          "the queue table to show two jobs done and one failed")
+    seen: list[str] = []
+
+    def finished() -> bool:
+        seen.append(table.inner_text())
+        return seen[-1].count("done") == 2 and "failed" in seen[-1]
+    until(finished, 240, "the queue table to show two jobs done and one failed")
+    assert any("running" in text for text in seen)  # the table followed the run, not only its end
     rows = table.inner_text()
     assert "4/4 · loss" in rows and "saved" in rows and "folder does not exist" in rows
     shot(page, "ux-3-live-queue")
+    pick(page, "traindeck-queue-job", "second")
+    page.wait_for_timeout(5000)  # two table refreshes later the pick is still there
+    assert "second" in field(page, "traindeck-queue-job").input_value()
+    page.locator("#traindeck-queue-delete").click()
+    wait_text(page, "traindeck-queue-message", "deleted", 30)
+    until(lambda: "second" not in table.inner_text(), 10, "the deleted job to leave the table")
     tab(page, "Train")
     wait_text(page, "traindeck-message", "doomed failed: lora_data_directory: folder does not exist", 30)
     assert "idle" in field(page, "traindeck-status").input_value()

@@ -70,20 +70,40 @@ def test_a_pair_of_different_sizes_names_the_users_files(app, tmp_path):
 
 
 def test_the_queue_tab_follows_by_itself(app, tmp_path):
-    poll = app.queue.poll  # what the timer calls every few seconds (3.x wraps it in a loop of its own)
-    table, job, seen = poll(None, "")
-    assert table["value"] == [[""] * 7] and job["choices"] == []
-    assert poll(None, seen) == [{"__type__": table["__type__"]}, {"__type__": table["__type__"]}, seen]
+    poll = app.queue.poll  # what the timer calls every few seconds
+    table, job, seen = poll("")
+    assert table["value"] == [[""] * 7] and job["choices"] == [] and "value" not in job
+    assert poll(seen) == [{"__type__": table["__type__"]}, {"__type__": table["__type__"]}, seen]
     add(app, save_lora_name="one")
-    table, job, seen = poll(None, seen)
+    table, job, seen = poll(seen)
     assert [r[2] for r in table["value"]] == ["one"] and job["choices"] == app.ctl.job_choices()
+    assert "value" not in job  # the user's pick is never reset by the timer
     pick = job["choices"][0]
-    handler(app.blocks, "traindeck_queue_start")(pick)
+    assert handler(app.blocks, "traindeck_queue_start")(pick)[2] == "started"
     wait_idle(app)
-    table, job, seen = poll(pick, seen)
+    table, job, seen = poll(seen)
     row = table["value"][0]
     assert row[4] == "done" and row[5].startswith("3/3 · loss ") and row[6].startswith("saved ")
-    assert job["value"] == job["choices"][0] and job["value"].endswith("(done)")  # the pick follows its job
+    assert job["choices"] == [pick]  # the same label while the job queues, runs and ends
+
+
+def test_the_timers_carry_what_each_page_has_seen(app):
+    """Wired as gradio runs them: 4.x ticks with the State's latest value; 3.x calls a polling
+    load once with its first inputs, so the loop itself must pass the State on."""
+    import inspect
+
+    add(app, save_lora_name="seen")
+    for api_name, note in (("traindeck_poll_status", 3), ("traindeck_poll_queue", 0)):
+        fn = handler(app.blocks, api_name)
+        first = fn(0 if note == 3 else "")
+        if inspect.isgenerator(first):  # gradio 3: one endless call
+            ticks = first
+            first, second = next(ticks), next(ticks)
+            ticks.close()
+        else:
+            second = fn(first[-1])
+        assert "value" in first[note] and "value" not in second[note], api_name
+        assert second[-1] == first[-1]
 
 
 def test_the_message_box_shows_the_latest_event(app, tmp_path):

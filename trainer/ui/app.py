@@ -51,9 +51,9 @@ class App:
             self.queue_seen = make(gr.State, value="")
             every(self.blocks, STATUS_SECONDS, self.poll_status, [self.feed_seen],
                   [self.train.status, self.train.gallery, self.train.grid, self.train.message, self.feed_seen],
-                  "traindeck_poll_status")
-            every(self.blocks, TABLE_SECONDS, self.queue.poll, [self.queue.job, self.queue_seen],
-                  [self.queue.table, self.queue.job, self.queue_seen], "traindeck_poll_queue")
+                  "traindeck_poll_status", carry=0)
+            every(self.blocks, TABLE_SECONDS, self.queue.poll, [self.queue_seen],
+                  [self.queue.table, self.queue.job, self.queue_seen], "traindeck_poll_queue", carry=0)
             every(self.blocks, PLOT_SECONDS, self.plot.poll, [self.plot.live],
                   [self.plot.log, self.plot.plot, self.plot.message], "traindeck_poll_plot")
         self._samples: list[str] = []

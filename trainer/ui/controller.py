@@ -175,7 +175,8 @@ class Controller:
         return queue_rows(self.queue.snapshot())
 
     def job_choices(self) -> list[str]:
-        return [f"{r['id']} {r['name']} ({r['state']})" for r in self.queue.snapshot()]
+        """One "<id> <name>" per job: no state in it, so a pick stays valid while its job runs and ends."""
+        return [f"{r['id']} {r['name']}" for r in self.queue.snapshot()]
 
     @staticmethod
     def job_id(choice: str | None) -> str:
