@@ -25,8 +25,7 @@ def check_data(cfg: TrainConfig) -> None:
 
         text = cfg.lora_data_directory.strip()
         if not text:
-            raise ConfigError(DATA_KEY, cfg.lora_data_directory, "no image folder given; choose the folder "
-                              "of training images")
+            raise ConfigError(DATA_KEY, cfg.lora_data_directory, "no image folder given")  # scan_images's words
         root = Path(text).expanduser()
         if not root.is_dir():
             raise ConfigError(DATA_KEY, text, "folder does not exist" if not root.exists() else "is not a folder")
