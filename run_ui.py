@@ -73,7 +73,7 @@ def prepare_env() -> Path:
               f"  this downloads about 1 GB and takes several minutes (about 5 on 2 cores);\n"
               f"  every step is logged to {log}", flush=True)
     started = time.monotonic()
-    with Heartbeat(log):
+    with Heartbeat(log, HEARTBEAT_S):
         venv = prepare(profile)
     print(f"environment ready ({time.monotonic() - started:.0f} s)", flush=True)
     return venv

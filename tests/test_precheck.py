@@ -164,3 +164,13 @@ def test_the_feed_tells_each_page_only_what_it_has_not_shown():
     for i in range(feed.KEEP + 5):
         events.add(str(i))
     assert events.since(2) == (feed.KEEP + 7, str(feed.KEEP + 4))
+
+
+def test_queue_rows_say_what_a_running_job_is_doing():
+    row = {"state": "running", "phase": "caching", "step": 0, "total": 60, "loss_ema": None, "pass_count": 1}
+    assert feed.progress_cell(row) == "caching · 0/60"
+    row.update(phase="training", step=12, loss_ema=0.123456)
+    assert feed.progress_cell(row) == "12/60 · loss 0.1235"
+    assert feed.progress_cell({"state": "queued"}) == ""
+    done = {"state": "failed", "steps": 0, "total": 0, "loss": None}
+    assert feed.progress_cell(done) == ""  # refused before its first step: nothing to show

@@ -41,3 +41,30 @@ def test_the_ui_sets_passive_openmp_waits_before_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          cwd=run_ui.ROOT).stdout.split()
     assert out == ["PASSIVE", "False"]
+
+
+def test_a_first_build_says_where_it_goes_and_keeps_talking(tmp_path, monkeypatch, capsys):
+    """The first run names the environment and its log, beats while the build runs, and says when
+    it is ready; a later run says which environment it uses."""
+    import tests.run_profiles as profiles
+
+    monkeypatch.setenv("TRAINDECK_VENVS", str(tmp_path / "venvs"))
+    monkeypatch.setattr(run_ui, "HEARTBEAT_S", 0.05)
+
+    def build(profile):
+        venv = profiles.venvs_dir() / f"{profile.name}-{profiles.fingerprint(profile)}"
+        venv.mkdir(parents=True)
+        (venv / "setup.log").write_text("Collecting gradio==4.40.0\n")
+        time.sleep(0.2)
+        (venv / profiles.MARKER).write_text("done")
+        return venv
+
+    monkeypatch.setattr(profiles, "prepare", build)
+    venv = run_ui.prepare_env()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"first run: building the environment in {venv}"
+    assert out[2] == f"  every step is logged to {venv / 'setup.log'}"
+    assert "  ... 0m00s: Collecting gradio==4.40.0" in out and out[-1].startswith("environment ready (")
+    monkeypatch.setattr(profiles, "prepare", lambda profile: venv)
+    run_ui.prepare_env()
+    assert capsys.readouterr().out.splitlines()[0] == f"using the environment in {venv}"
