@@ -28,6 +28,16 @@ USERS = {"alice": "s3cret:with:colons", "bob": "hunter2"}
 
 
 
+@pytest.fixture(autouse=True, scope="module")
+def demo_images(demo_root):
+    """Jobs name the demo's images explicitly: an empty image folder is refused."""
+    from trainer.demo import ensure_demo
+
+    QUICK["lora_data_directory"] = str(ensure_demo(demo_root)[1])
+    yield
+    del QUICK["lora_data_directory"]
+
+
 def client_for(app, credentials=None) -> TestClient:
     api = FastAPI()
     mount(api, app.ctl, credentials)
@@ -69,7 +79,7 @@ def url(path: str) -> str:
 
 
 def settings(name: str, **changes) -> dict:
-    """Preset-shaped settings of a quick demo job (the app's fallbacks fill model and images)."""
+    """Preset-shaped settings of a quick demo job on the demo's images (the app's fallback fills the model)."""
     return load_preset("LoRA_Demo").with_overrides({**QUICK, "save_lora_name": name, **changes}).to_dict()
 
 
@@ -105,7 +115,7 @@ def test_presets_and_schema(client, app):
     size = next(r for r in rows if r["name"] == "image_size")
     assert size == {"key": "image_size(height, width)", "name": "image_size", "kind": "size",
                     "label": "Image size (height, width)", "help": size["help"], "choices": [],
-                    "modes": ["LoRA", "iLECO", "Multi-ADDifT"], "section": "required",
+                    "modes": ["LoRA", "iLECO", "Multi-ADDifT"], "section": "required", "group": "",
                     "minimum": 16, "maximum": 8192, "default": "512"}
     optimizer = next(r for r in rows if r["key"] == "train_optimizer")
     assert "AdamW" in optimizer["choices"] and optimizer["default"] == "AdamW"
@@ -270,6 +280,25 @@ def test_a_duplicate_name_is_refused(client):
     assert response.status_code == 422
     assert response.json()["detail"]["field"] == "save_lora_name" and response.json()["detail"]["value"] == "TWICE"
     assert len(client.get(url("/jobs")).json()) == 1
+
+
+def test_a_job_that_would_fail_later_is_refused_when_added(client, app, tmp_path):
+    """The checks the Train tab runs: the API names the preset key, and nothing is queued."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "taken.safetensors").write_bytes(b"x")
+    cases = [
+        ({"lora_data_directory": ""}, "lora_data_directory", "no image folder given"),
+        ({"lora_data_directory": str(tmp_path / "nope")}, "lora_data_directory", "folder does not exist"),
+        ({"lora_data_directory": str(tmp_path / "empty")}, "lora_data_directory", "folder has no images"),
+        ({"save_lora_name": "taken"}, "save_lora_name", "taken.safetensors already exists"),
+    ]
+    for overrides, field, problem in cases:
+        response = client.post(url("/jobs"), json={"preset": "LoRA_Demo", "overrides": {**QUICK, **overrides}})
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert detail["field"] == field and detail["message"].startswith(f"{field}: ") and problem in detail["message"]
+    assert client.get(url("/jobs")).json() == []
 
 
 @pytest.mark.parametrize("body", [{"offset": "up"}, {"offset": True}, {"offset": 1.5}, {}, ["offset"], None])

@@ -33,13 +33,19 @@ def test_mode_switch_shows_what_the_schema_says(app):
         ups = on_mode(mode)
         shown = {n for n, u in zip(names, ups) if u["visible"]}
         assert shown == form.visible_fields(mode) - set(form.HEADER_FIELDS)
-        prompts, images, second = (u["visible"] for u in ups[len(names):])
+        rest = [u["visible"] for u in ups[len(names):]]
+        prompts, images, original, target = rest[:4]
+        groups, second = rest[4:-1], rest[-1]
         assert prompts == (mode in ("iLECO", "Difference", "ADDifT"))
         assert images == (mode in ("Difference", "ADDifT")) and second == (mode == "Difference")
+        # the preview buttons only where their prompt is used: Difference has no target prompt
+        assert original == (mode in ("iLECO", "Difference", "ADDifT")) and target == (mode in ("iLECO", "ADDifT"))
+        assert groups == [bool(set(names_) & form.visible_fields(mode)) for names_ in form.GROUP_FIELDS.values()]
+        assert groups[list(form.GROUP_FIELDS).index("pairs")] == (mode in ("Difference", "ADDifT", "Multi-ADDifT"))
 
 
 def test_start_trains_through_the_queue_and_the_plot_shows_it(app, tmp_path):
-    message = handler(app.blocks, "traindeck_start")(*values(app, save_lora_name="ui-job"))
+    message = handler(app.blocks, "traindeck_start")(*values(app, save_lora_name="ui-job"))[0]
     assert message.startswith("queued ui-job"), message
     status = wait_idle(app)
     assert "ui-job done" in status and (tmp_path / "out" / "ui-job.safetensors").is_file()
@@ -50,8 +56,11 @@ def test_start_trains_through_the_queue_and_the_plot_shows_it(app, tmp_path):
 
 
 def test_a_bad_value_is_refused_naming_the_field(app):
-    message = handler(app.blocks, "traindeck_start")(*values(app, train_batch_size="abc"))
-    assert message == "error: train_batch_size: expected a number (got 'abc')"
+    message, where, *groups = handler(app.blocks, "traindeck_start")(*values(app, train_batch_size="abc"))
+    assert message == "error: Batch size: expected a number (got 'abc')"
+    assert json.loads(where) == {"id": "traindeck-train-batch-size", "label": "Batch size",
+                                 "text": "Batch size: expected a number (got 'abc')"}
+    assert all("open" not in g for g in groups)  # a field at the top: no group to open
     assert app.ctl.queue.snapshot() == []
 
 
@@ -81,8 +90,8 @@ def test_settings_json_loads_only_from_its_folder(app, tmp_path):
 def test_queue_tab_deletes_and_reorders(app):
     add = handler(app.blocks, "traindeck_add")
     for name in ("a", "b", "c"):
-        assert add(*values(app, save_lora_name=name)).startswith(f"added {name}")
-    assert add(*values(app, save_lora_name="a")) == "error: save_lora_name: is already queued or running (got 'a')"
+        assert add(*values(app, save_lora_name=name))[0].startswith(f"added {name}")
+    assert add(*values(app, save_lora_name="a"))[0] == "error: Output name: is already queued or running (got 'a')"
     choices = app.ctl.job_choices()
     table, job, note = handler(app.blocks, "traindeck_queue_delete")(choices[0])
     assert [r[2] for r in table["value"]] == ["b", "c"]
@@ -109,7 +118,7 @@ def test_uploaded_images_are_kept_for_queued_jobs(app, tmp_path):
     orig, targ = write_pair(tmp_path / "upload")
     add = handler(app.blocks, "traindeck_add")
     note = add(*values(app, mode="ADDifT", save_lora_name="pair", diff_original_image=str(orig),
-                       diff_target_image=str(targ)))
+                       diff_target_image=str(targ)))[0]
     assert note.startswith("added pair"), note
     orig.unlink()
     targ.unlink()  # gradio's temp files go away; the queued job keeps its own copies
@@ -123,11 +132,11 @@ def test_uploaded_images_are_kept_for_queued_jobs(app, tmp_path):
 def test_samples_appear_in_the_gallery(app, tmp_path):
     start = handler(app.blocks, "traindeck_start")
     assert start(*values(app, save_lora_name="s", sample_every_n_steps="2", sample_prompts="a red circle\na blue square",
-                         sample_steps="2")).startswith("queued s")
+                         sample_steps="2"))[0].startswith("queued s")
     wait_idle(app)
     files = sorted(p.name for p in (tmp_path / "out" / "s_samples").glob("*.png"))
     assert files == ["s_000002steps_0.png", "s_000002steps_1.png", "s_000003steps_0.png", "s_000003steps_1.png"]
-    status, gallery, grid = app.poll_status()
+    status, gallery, grid, _, _ = app.poll_status()
     assert [p.rsplit("/", 1)[-1] for p in gallery["value"]] == ["s_000003steps_0.png", "s_000003steps_1.png"]
     assert grid.get("value") is None  # no evaluation grid was asked for
 
@@ -141,23 +150,33 @@ def test_the_evaluation_grid_shows_after_the_job(app, tmp_path):
     start = handler(app.blocks, "traindeck_start")
     assert start(*values(app, save_lora_name="g", save_per_steps="2", sample_every_n_steps="3",
                          sample_prompts="a red circle", eval_grid=True, eval_grid_strengths="0, 1",
-                         sample_steps="2")).startswith("queued g")
+                         sample_steps="2"))[0].startswith("queued g")
     assert "evaluation grid" in wait_idle(app)
     grid = tmp_path / "out" / "g_grid.png"
     info = read_grid_info(grid)
     assert info["files"] == ["g_2steps.safetensors", "g.safetensors"] and info["prompts"] == ["a red circle"]
     assert Image.open(grid).width == info["layout"]["label_w"] + 2 * 64
-    status, gallery, image = app.poll_status()
+    status, gallery, image, _, _ = app.poll_status()
     assert image["value"] == str(grid) and "evaluation grid" in status
     # the samples keep their gallery; the grid is not one of them
     assert [p.rsplit("/", 1)[-1] for p in gallery["value"]] == ["g_000003steps_0.png"]
     assert app.poll_status()[2].get("value") is None  # unchanged: no new update
 
 
-def test_preview_buttons_render_the_prompts(app):
-    images, note = handler(app.blocks, "traindeck_preview_original")(
-        *values(app, mode="iLECO", original_prompt="a cat", sample_steps="2")[:len(form.FORM_FIELDS)])
-    assert len(images) == 1 and images[0].size == (64, 64) and "original" in note
+def test_preview_shows_busy_then_each_image_in_its_own_box(app):
+    form_values = values(app, mode="iLECO", original_prompt="a cat", target_prompt="a dog",
+                         sample_steps="2")[:len(form.FORM_FIELDS)]
+    shown = {}
+    for which in ("original", "target"):
+        steps = list(handler(app.blocks, f"traindeck_preview_{which}")(*form_values))
+        (busy_button, busy_image, busy_note), (button, image, note) = steps
+        assert (busy_button["value"], busy_button["interactive"]) == ("Generating…", False)
+        assert "value" not in busy_image and busy_note.startswith(f"generating the {which} preview")
+        assert button["interactive"] is True and button["value"] == f"Generate {which}"
+        assert image.size == (64, 64) and note == f"generated the {which} prompt with the base model"
+        shown[which] = image
+    assert app.train.preview_images["original"] is not app.train.preview_images["target"]
+    assert shown["original"].tobytes() != shown["target"].tobytes()  # two prompts, two pictures
 
 
 def test_copy_settings_from_the_first_pass(app):
@@ -171,7 +190,7 @@ def test_stop_buttons_stop_the_running_job(app, tmp_path, save):
     import time
 
     start = handler(app.blocks, "traindeck_start")
-    assert start(*values(app, save_lora_name="long", train_iterations="100000")).startswith("queued long")
+    assert start(*values(app, save_lora_name="long", train_iterations="100000"))[0].startswith("queued long")
     end = time.monotonic() + 60
     while (app.ctl.queue.current() is None or app.ctl.queue.current().step < 2) and time.monotonic() < end:
         time.sleep(0.05)

@@ -37,10 +37,11 @@ def make_app(tmp_path: Path, monkeypatch, demo_root: Path) -> App:
     monkeypatch.setenv("TRAINDECK_JSONS", str(tmp_path / "jsons"))
     models, images = ensure_demo(demo_root)
     host = StandaloneHost(tmp_path / "out", [models])
-    fallbacks = {"model": DEMO_MODEL, "lora_data_directory": str(images)}
+    fallbacks = {"model": DEMO_MODEL}  # the demo's images are chosen explicitly, in the form
     ctl = Controller(host, tmp_path / "queue.json", fallbacks=fallbacks, device="cpu", uploads=tmp_path / "uploads")
-    quick = load_preset("LoRA_Demo").with_overrides({**fallbacks, "train_iterations": 3, "image_size(height, width)": 64,
-                                                "image_min_length": 64})
+    quick = load_preset("LoRA_Demo").with_overrides({**fallbacks, "lora_data_directory": str(images),
+                                                     "train_iterations": 3, "image_size(height, width)": 64,
+                                                     "image_min_length": 64})
     return App(ctl, quick)
 
 

@@ -118,7 +118,7 @@ def schema() -> list[dict[str, Any]]:
     """Every setting with its preset key, kind, limits and default (as a preset stores it)."""
     defaults = TrainConfig()
     return [{"key": p.key, "name": name, "kind": p.kind, "label": p.label, "help": p.help,
-             "choices": list(p.choices), "modes": list(p.modes), "section": p.section,
+             "choices": list(p.choices), "modes": list(p.modes), "section": p.section, "group": p.group,
              "minimum": p.minimum, "maximum": p.maximum, "default": export(p, getattr(defaults, name))}
             for name, p in TrainConfig.params()]
 

@@ -154,6 +154,9 @@ def _train(args: argparse.Namespace, ranks, bar: _Bar):
 
     cfg = load_config(args, warn=ranks is None or ranks.is_main)
     host = StandaloneHost(Path(args.lora_dir), [Path(d) for d in args.models_dir])
+    from .precheck import precheck
+
+    precheck(cfg, host.lora_dir(), host)  # the checks the UI and the API run when a job is added
     parallel = DataParallel.start(ranks, args.device) if ranks is not None else None
     try:
         return Trainer(cfg, host, device=args.device, listeners=[bar], parallel=parallel).run()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import TrainConfig
 from .events import JobStopped, Listener, Progress, StopFlag
-from .jobs import ACTIVE, STATES, Job, read_journal, set_aside, write_journal
+from .jobs import ACTIVE, STATES, Job, PassView, read_journal, set_aside, write_journal
 from .params import ConfigError
 
 if TYPE_CHECKING:  # the engine imports torch; the queue itself needs nothing of it
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the engine imports torch; the queue itself needs nothing of
 log = logging.getLogger(__name__)
 
 RunJob = Callable[[TrainConfig, StopFlag, Listener], "RunResult"]
+Notify = Callable[[Job], None]
 # How a job is expected to fail: TrainingFailed and torch's out-of-memory are RuntimeErrors,
 # ConfigError is a ValueError. These end the job with their text; others also get a traceback.
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
@@ -34,9 +35,10 @@ EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
 class JobQueue:
     """An ordered list of jobs, one worker thread, and a journal file. Thread-safe."""
 
-    def __init__(self, journal: Path | str, run_job: RunJob):
+    def __init__(self, journal: Path | str, run_job: RunJob, notify: Notify | None = None):
         self.journal = Path(journal)
         self._run_job = run_job
+        self._notify = notify  # told (outside the lock) when a job starts and when it ends
         # One lock guards everything below; the condition lets wait() sleep until idle.
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -89,6 +91,7 @@ class JobQueue:
                 raise ConfigError("job", job_id, f"is already {job.state}")
             self._check_name_free(job.name)
             job.state, job.message, job.started, job.finished, job.output, job.steps = "queued", "", None, None, None, 0
+            job.total, job.loss = 0, None
             self._progress.pop(job.id, None)
             self._save()
             return Job.from_dict(job.to_dict())
@@ -176,6 +179,8 @@ class JobQueue:
                         self._idle.notify_all()
                         return
                     stop = self._stop_flag = StopFlag()
+                    started = Job.from_dict(job.to_dict())
+                self._tell(started)
                 self._run_one(job, stop)
         except BaseException:
             # Only a fault of the queue itself or an interpreter exit gets here (_run_one handles
@@ -200,11 +205,22 @@ class JobQueue:
         self._save()
         return job
 
+    def _tell(self, job: Job) -> None:
+        """The notify callback, outside the lock; its failure is logged, never the queue's."""
+        if self._notify is None:
+            return
+        try:
+            self._notify(job)
+        except Exception:  # a listener's bug must not stop the queue; it is logged with its traceback
+            log.exception("queue notification for job %s failed", job.id)
+
     def _run_one(self, job: Job, stop: StopFlag) -> None:
         """Run one job outside the lock and record how it ended; a job's error never escapes."""
+        own_pass = PassView()
+
         def listener(progress: Progress) -> None:
             with self._lock:
-                self._progress[job.id] = progress
+                self._progress[job.id] = own_pass(progress)
 
         output, steps = None, 0
         try:
@@ -229,9 +245,15 @@ class JobQueue:
         with self._lock:
             self._finish(job, state, message, output, steps)
             self._stop_flag = None  # stop() between jobs must not report a finished job as asked
+            ended = Job.from_dict(job.to_dict())
+        self._tell(ended)
 
     def _finish(self, job: Job, state: str, message: str, output: str | None = None, steps: int = 0) -> None:
         job.state, job.message, job.finished, job.output, job.steps = state, message, time.time(), output, steps
+        p = self._progress.get(job.id)
+        if p is not None:
+            job.total = p.total
+            job.loss = p.loss_ema if p.loss_ema is not None and math.isfinite(p.loss_ema) else None
         self._save()
 
     # ---- reading -------------------------------------------------------
@@ -244,10 +266,11 @@ class JobQueue:
         row = job.to_dict()
         del row["settings"]
         p = self._progress.get(job.id)
-        live: dict[str, Any] = dict.fromkeys(("phase", "step", "total", "loss_ema"))
+        live: dict[str, Any] = dict.fromkeys(("phase", "step", "loss_ema", "pass_index", "pass_count"))
         if p is not None:
             loss = p.loss_ema if p.loss_ema is not None and math.isfinite(p.loss_ema) else None  # NaN isn't JSON
-            live = {"phase": p.phase, "step": p.step, "total": p.total, "loss_ema": loss}
+            live = {"phase": p.phase, "step": p.step, "total": p.total, "loss_ema": loss,
+                    "pass_index": p.pass_index, "pass_count": p.pass_count}
         return {**row, "name": job.name, "mode": job.mode, **live}
 
     def get(self, job_id: str) -> Job:
@@ -283,4 +306,4 @@ class JobQueue:
         return thread is None or not thread.is_alive()
 
 
-__all__ = ["STATES", "Job", "JobQueue", "RunJob"]
+__all__ = ["STATES", "Job", "JobQueue", "Notify", "RunJob"]

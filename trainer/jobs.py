@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .events import Progress
 from .fsutil import unique_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 STATES = ("queued", "running", "done", "failed", "stopped", "interrupted")
 ACTIVE = ("queued", "running")
 JOURNAL_VERSION = 1
+# What a new pass must not inherit from the previous one when its first event does not set it.
+_PER_PASS = {"loss": None, "loss_ema": None, "it_per_s": None, "eta_s": None, "lrs": []}
 
 
 @dataclass
@@ -31,6 +34,8 @@ class Job:
     finished: float | None = None
     output: str | None = None
     steps: int = 0
+    total: int = 0  # the steps its last pass was to run (kept with the result, for the queue table)
+    loss: float | None = None  # its last smoothed loss
 
     @property
     def name(self) -> str:
@@ -86,3 +91,29 @@ def set_aside(path: Path, exc: Exception) -> None:
         log.warning("queue journal %s is unreadable (%s); kept as %s, the queue starts empty", path, exc, aside)
     except OSError as err:
         log.error("queue journal %s is unreadable (%s) and could not be moved aside (%s)", path, exc, err)
+
+
+class PassView:
+    """One job's progress with only its current pass's own numbers.
+
+    The engine's events carry every field along: when Difference's pass 2 begins, its events
+    still hold pass 1's loss, speed and message until pass 2 sets its own. Those carried-over
+    values are cleared here, so a status never mixes pass 2's step with pass 1's loss.
+    """
+
+    def __init__(self) -> None:
+        self._last: Progress | None = None
+        self._stale: dict[str, object] = {}
+
+    def __call__(self, p: Progress) -> Progress:
+        last, self._last = self._last, Progress(**p.as_dict())
+        if last is not None and p.pass_index != last.pass_index:
+            self._stale = {key: getattr(last, key) for key in (*_PER_PASS, "message")}
+        for key in list(self._stale):
+            if getattr(p, key) != self._stale[key]:
+                del self._stale[key]  # the new pass has set its own
+            elif key == "message":
+                p.message = f"pass {p.pass_index} of {p.pass_count}"
+            else:
+                setattr(p, key, list(_PER_PASS[key]) if isinstance(_PER_PASS[key], list) else None)
+        return p

@@ -21,6 +21,21 @@ BLOCK_IDS: tuple[str, ...] = (
     + tuple(f"OUT{i:02d}" for i in range(12))
 )
 
+# The folded groups of optional settings, most used first: (key, title). A field names its
+# group in its metadata (param(..., group=...)); the UI lays the groups out in this order.
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("network", "Network"),
+    ("data", "Data and buckets"),
+    ("lr", "Learning rate and scheduler"),
+    ("saving", "Saving and state"),
+    ("samples", "Samples and grid"),
+    ("captions", "Captions"),
+    ("loss", "Loss"),
+    ("noise", "Noise and timesteps"),
+    ("precision", "Precision and model"),
+    ("pairs", "Difference and ADDifT"),
+)
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -60,6 +75,7 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     legacy: tuple[str, ...] = ()
+    group: str = ""  # an optional setting's group (GROUPS); "" for the required ones at the top
 
     @property
     def widget(self) -> str:

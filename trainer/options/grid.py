@@ -37,10 +37,10 @@ def parse_strengths(text: str) -> list[float]:
 
 @dataclass
 class GridOptions:
-    eval_grid: bool = param("bool", False, "Evaluation grid", "After the run, render one PNG next to the LoRA (<name>_grid.png): the saved files (save_per_steps and the final one) down, LoRA strengths across, one block per prompt, at a fixed seed. Costs saves × strengths × prompts images at sample_steps.")
-    eval_grid_strengths: str = param("str", "0, 0.5, 0.75, 1.0", "Grid strengths", f"LoRA strengths across the grid, comma-separated (at most {MAX_STRENGTHS}); a strength is the weight the file is used at, as <lora:name:weight>.")
-    eval_grid_prompts: str = param("text", "", "Grid prompts", f"One prompt per line (at most {MAX_PROMPTS}); empty uses the sample prompts, else the mode's own prompts. iLECO always adds its original and target prompts.")
-    eval_grid_seed: int = param("int", 1, "Grid seed", "Seed of the grid: prompt i is drawn with seed + i in every cell, so the cells of a prompt differ only by file and strength.", minimum=0, maximum=2**63 - 1)
+    eval_grid: bool = param("bool", False, "Evaluation grid", "After the run, render one PNG next to the LoRA (<name>_grid.png): the saved files (save_per_steps and the final one) down, LoRA strengths across, one block per prompt, at a fixed seed. Costs saves × strengths × prompts images at sample_steps.", group="samples")
+    eval_grid_strengths: str = param("str", "0, 0.5, 0.75, 1.0", "Grid strengths", f"LoRA strengths across the grid, comma-separated (at most {MAX_STRENGTHS}); a strength is the weight the file is used at, as <lora:name:weight>.", group="samples")
+    eval_grid_prompts: str = param("text", "", "Grid prompts", f"One prompt per line (at most {MAX_PROMPTS}); empty uses the sample prompts, else the mode's own prompts. iLECO always adds its original and target prompts.", group="samples")
+    eval_grid_seed: int = param("int", 1, "Grid seed", "Seed of the grid: prompt i is drawn with seed + i in every cell, so the cells of a prompt differ only by file and strength.", minimum=0, maximum=2**63 - 1, group="samples")
 
     def grid_strengths(self) -> list[float]:
         """The columns, parsed."""

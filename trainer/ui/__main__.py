@@ -36,8 +36,10 @@ def build(args: argparse.Namespace):
 
         demo_models, demo_images = ensure_demo()
         model_dirs.append(demo_models)
-        fallbacks = {"model": DEMO_MODEL, "lora_data_directory": str(demo_images)}
-        initial = load_preset("LoRA_Demo").with_overrides(fallbacks)
+        # An empty model means the demo's; its images are filled in the form, where the user sees
+        # them: an empty image folder is refused rather than quietly replaced by the demo's.
+        fallbacks = {"model": DEMO_MODEL}
+        initial = load_preset("LoRA_Demo").with_overrides({**fallbacks, "lora_data_directory": str(demo_images)})
         logging.getLogger(__name__).warning("no model found in %s: using the built-in demo model",
                                             ", ".join(map(str, model_dirs[:-1])))
     host = StandaloneHost(Path(args.lora_dir), model_dirs)

@@ -46,24 +46,32 @@ class App:
             self.train.wire()
             self.queue.wire()
             self.plot.wire()
-            every(self.blocks, STATUS_SECONDS, self.poll_status, None,
-                  [self.train.status, self.train.gallery, self.train.grid], "traindeck_poll_status")
-            every(self.blocks, TABLE_SECONDS, lambda: gr.update(value=ctl.queue_rows() or None), None,
-                  [self.queue.table], "traindeck_poll_queue")
+            # What this page has shown of the event feed and of the queue (one State per page).
+            self.feed_seen = make(gr.State, value=0)
+            self.queue_seen = make(gr.State, value="")
+            every(self.blocks, STATUS_SECONDS, self.poll_status, [self.feed_seen],
+                  [self.train.status, self.train.gallery, self.train.grid, self.train.message, self.feed_seen],
+                  "traindeck_poll_status", carry=0)
+            every(self.blocks, TABLE_SECONDS, self.queue.poll, [self.queue_seen],
+                  [self.queue.table, self.queue.job, self.queue_seen], "traindeck_poll_queue", carry=0)
             every(self.blocks, PLOT_SECONDS, self.plot.poll, [self.plot.live],
                   [self.plot.log, self.plot.plot, self.plot.message], "traindeck_poll_plot")
         self._samples: list[str] = []
         self._grid: str | None = self.ctl.grid()
 
-    def poll_status(self) -> list:
-        """The status line; the sample gallery and the evaluation grid when new ones appeared."""
+    def poll_status(self, seen: int = 0) -> list:
+        """The status line; the sample gallery and the evaluation grid when new ones appeared; the
+        newest event (a job added, started, done or failed) in the Message box if this page has not
+        shown it yet."""
         samples = [str(p) for p in self.ctl.samples()]
         gallery = gr.update(value=samples) if samples != self._samples else gr.update()
         self._samples = samples
         grid = self.ctl.grid()
         image = gr.update(value=grid) if grid != self._grid else gr.update()
         self._grid = grid
-        return [self.ctl.status(), gallery, image]
+        newest, event = self.ctl.feed.since(seen or 0)
+        message = gr.update(value=event) if event is not None else gr.update()
+        return [self.ctl.status(), gallery, image, message, newest]
 
 
 def build_ui(ctl: Controller, initial: TrainConfig | None = None, *, standalone: bool = True) -> gr.Blocks:

@@ -6,7 +6,6 @@ standalone app, the WebUI tab and the tests.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,37 +14,14 @@ from ..engine import Trainer
 from ..events import Listener, Progress, StopFlag
 from ..fsutil import unique_path
 from ..jobqueue import JobQueue
+from ..jobs import Job
 from ..params import ConfigError
 from ..paths import cache_dir, jsons_dir, logs_dir, presets_dir
 from ..presets import list_presets, load_preset, read_json, save_preset
 from . import form
+from .feed import Feed, describe, job_event, queue_rows
 
 log = logging.getLogger(__name__)
-
-QUEUE_HEADERS = ["#", "id", "name", "mode", "state", "progress", "message"]
-
-
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
-
-
-def describe(p: Progress) -> str:
-    """One status line: mode, job, pass, step/total, raw and smoothed loss, speed, ETA, message."""
-    parts = [f"{p.phase}", f"{p.mode} · {p.name}"]
-    if p.pass_count > 1:
-        parts.append(f"pass {p.pass_index}/{p.pass_count}")
-    if p.total:
-        parts.append(f"step {p.step}/{p.total}")
-    if p.loss is not None:
-        parts.append(f"loss {p.loss:.5g} (smoothed {p.loss_ema:.5g})")
-    if p.it_per_s:
-        parts.append(f"{p.it_per_s:.2f} it/s, ETA {_eta(p.eta_s)}")
-    if p.message:
-        parts.append(p.message)
-    return " | ".join(parts)
-
 
 def _listed(field: str, value: str, names: list[str], folders: list[Path]) -> None:
     from ..fsutil import inside
@@ -60,6 +36,22 @@ def _listed(field: str, value: str, names: list[str], folders: list[Path]) -> No
         if any(c.exists() and inside(folder, c.resolve()) for c in candidates):
             return
     raise ConfigError(field, value, f"is not in the {field} list; jobs from the UI and API use listed {field}s only")
+
+
+def _upload_name(path: str) -> str:
+    """How an error names an uploaded image: its file name where the browser kept it (gradio 3
+    hands every image over as image.png, so there it is only "your upload")."""
+    name = Path(path).name
+    return "(your upload)" if Path(name).stem == "image" else name
+
+
+def _renamed(exc: ConfigError, names: Mapping[str, str]) -> ConfigError:
+    """`exc` with the stored copies of uploaded images named by the files the user uploaded."""
+    value, problem = exc.value, exc.problem
+    for copy, name in names.items():
+        value = name if value == copy else value
+        problem = problem.replace(copy, name)
+    return exc if (value, problem) == (exc.value, exc.problem) else ConfigError(exc.key, value, problem)
 
 
 def _inside_lora(field: str, value: str, lora_dir: Path) -> None:
@@ -86,7 +78,12 @@ class Controller:
         self._grid: str | None = None
         self._seen: list[str] = []  # the samples of the last progress event looked at
         self.listeners = [self._note_samples, *listeners]
-        self.queue = JobQueue(queue_file or cache_dir() / "queue.json", self._run)
+        self.feed = Feed()
+        self.queue = JobQueue(queue_file or cache_dir() / "queue.json", self._run, notify=self._job_changed)
+
+    def _job_changed(self, job: Job) -> None:
+        """A job started or ended: the Message box of every open page shows it."""
+        self.feed.add(job_event(job))
 
     def _note_samples(self, p: Progress) -> None:
         """Keep the newest samples, and the evaluation grid apart from them (it has its own image)."""
@@ -110,11 +107,20 @@ class Controller:
 
     # ---- the form -------------------------------------------------------------------
     def config(self, values: Mapping[str, Any], second: Mapping[str, Any] | None = None) -> TrainConfig:
-        """A validated config from the form; uploaded images get a stable copy first."""
-        values = dict(values)
+        """A job's config from the form, admitted and pre-checked; uploaded images get a stable copy.
+
+        An error about an uploaded image names the user's file, not the copy it was given.
+        """
+        values, names = dict(values), {}
         for field in form.IMAGE_FIELDS:
-            values[field] = form.persist_upload(values.get(field), self.uploads, field)
-        return form.config_from(values, second, self.fallbacks).validate()
+            given = values.get(field)
+            values[field] = form.persist_upload(given, self.uploads, field)
+            if given:
+                names[values[field]] = _upload_name(given)
+        try:
+            return self.admit(form.config_from(values, second, self.fallbacks))
+        except ConfigError as exc:
+            raise _renamed(exc, names) from None
 
     # ---- jobs -------------------------------------------------------------------------
     def admit(self, cfg: TrainConfig) -> TrainConfig:
@@ -129,18 +135,24 @@ class Controller:
         lora_dir = Path(self.host.lora_dir())
         for field in ("network_resume", "diff_load_1st_pass"):
             _inside_lora(field, getattr(cfg, field), lora_dir)
-        return cfg
+        from ..precheck import precheck
+
+        return precheck(cfg, lora_dir, self.host)
 
     def start(self, cfg: TrainConfig) -> str:
         """Queue the job and start the worker; returns at once."""
         job = self.queue.add(self.admit(cfg))
         self.queue.start()
         ahead = sum(1 for row in self.queue.snapshot() if row["state"] in ("queued", "running")) - 1
-        return f"queued {job.name}" + (f" ({ahead} ahead)" if ahead > 0 else "") + "; training starts in turn"
+        text = f"queued {job.name}" + (f" ({ahead} ahead)" if ahead > 0 else "") + "; training starts in turn"
+        self.feed.add(text)
+        return text
 
     def add(self, cfg: TrainConfig) -> str:
         job = self.queue.add(self.admit(cfg))
-        return f"added {job.name} to the queue (press Start to run it)"
+        text = f"added {job.name} to the queue (press Start to run it)"
+        self.feed.add(text)
+        return text
 
     def stop(self, save: bool) -> str:
         if not self.queue.stop(save):
@@ -160,14 +172,11 @@ class Controller:
         return text
 
     def queue_rows(self) -> list[list[Any]]:
-        rows = []
-        for i, r in enumerate(self.queue.snapshot(), start=1):
-            progress = f"{r.get('step') or 0}/{r.get('total') or '?'}" if r["state"] == "running" else ""
-            rows.append([i, r["id"], r["name"], r["mode"], r["state"], progress, r["message"]])
-        return rows
+        return queue_rows(self.queue.snapshot())
 
     def job_choices(self) -> list[str]:
-        return [f"{r['id']} {r['name']} ({r['state']})" for r in self.queue.snapshot()]
+        """One "<id> <name>" per job: no state in it, so a pick stays valid while its job runs and ends."""
+        return [f"{r['id']} {r['name']}" for r in self.queue.snapshot()]
 
     @staticmethod
     def job_id(choice: str | None) -> str:

@@ -8,12 +8,14 @@ preset key and the value, exactly as from a preset or the CLI.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import SECOND_PASS_FIELDS, SECOND_PASS_KEY, TrainConfig
-from ..params import ConfigError, Param
+from ..params import GROUPS, ConfigError, Param, shown
 
 FORM_FIELDS: tuple[str, ...] = tuple(name for name, _ in TrainConfig.params())
 PARAMS: dict[str, Param] = dict(TrainConfig.params())
@@ -21,6 +23,13 @@ IMAGE_FIELDS = ("diff_original_image", "diff_target_image")
 PROMPT_FIELDS = ("original_prompt", "target_prompt", "negative_prompt")
 HEADER_FIELDS = ("mode", "model", "vae")  # the row above the groups
 SPECIAL = frozenset(HEADER_FIELDS + IMAGE_FIELDS + PROMPT_FIELDS)
+SECOND_PREFIX = f"{SECOND_PASS_KEY}."  # how a 2nd-pass field's error names it (as the CLI's --set does)
+SECOND_LABEL = "2nd pass: "
+REQUIRED = tuple(n for n in FORM_FIELDS if PARAMS[n].section == "required" and n not in SPECIAL)
+# The folded groups of optional settings, in the schema's order, each with its fields in schema order.
+GROUP_FIELDS: dict[str, tuple[str, ...]] = {
+    key: tuple(n for n in FORM_FIELDS if PARAMS[n].group == key and n not in SPECIAL) for key, _ in GROUPS}
+GROUP_TITLES = dict(GROUPS)
 
 
 def widget_value(p: Param, value: Any) -> Any:
@@ -61,8 +70,71 @@ def config_from(values: Mapping[str, Any], second: Mapping[str, Any] | None = No
     cfg = TrainConfig.from_dict({PARAMS[name].key: value for name, value in data.items()})
     if second and cfg.mode == "Difference":
         pass2 = {PARAMS[name].key: _clean(value) for name, value in second.items() if name in SECOND_PASS_FIELDS}
-        cfg = cfg.with_overrides({SECOND_PASS_KEY: pass2})
+        try:
+            cfg = cfg.with_overrides({SECOND_PASS_KEY: pass2})
+        except ConfigError as exc:  # the same key exists in pass 1: say which panel it came from
+            raise ConfigError(f"{SECOND_PREFIX}{exc.key}", exc.value, exc.problem) from None
     return cfg
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """A refused value as the Train tab shows it: beside the field, under its on-screen label."""
+
+    name: str       # the schema's field name
+    second: bool    # in the 2nd-pass panel
+    label: str      # the label on screen ("2nd pass: " in front for the 2nd-pass panel)
+    elem_id: str    # the widget's elem_id
+    group: str      # the folded group that holds it ("" when it is not in one)
+    text: str       # "<label>: <problem> (got <value>)"
+
+    def payload(self) -> dict[str, str]:
+        return {"id": self.elem_id, "label": self.label, "text": self.text}
+
+
+def field_of(key: str) -> tuple[str, bool] | None:
+    """(field name, in the 2nd-pass panel) for an error's key, or None when no field has it."""
+    second = key.startswith(SECOND_PREFIX)
+    key = key[len(SECOND_PREFIX):] if second else key
+    try:
+        name = TrainConfig.param_for(key)[0]
+    except KeyError:
+        return None
+    if name not in PARAMS or (second and name not in SECOND_PASS_FIELDS):
+        return None
+    return name, second
+
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\([^)]*\))?")
+
+
+def with_labels(text: str) -> str:
+    """Preset keys inside a message replaced by their on-screen labels ("needs noise_offset" ->
+    "needs 'Noise offset'"). Only keys with an underscore or brackets: plain words stay words."""
+    def label(match: re.Match) -> str:
+        word = match.group(0)
+        found = field_of(word) if ("_" in word or "(" in word) else None
+        return f"'{PARAMS[found[0]].label}'" if found else word
+    return _WORD.sub(label, text)
+
+
+def explain(exc: ConfigError) -> FieldError | None:
+    """Where and how the Train tab shows `exc`; None when it names no field of the form."""
+    found = field_of(str(exc.key))
+    if found is None:
+        return None
+    name, second = found
+    label = (SECOND_LABEL if second else "") + PARAMS[name].label
+    prefix = "2nd-" if second else ""
+    group = "second" if second else PARAMS[name].group
+    text = f"{label}: {with_labels(exc.problem)} (got {shown(exc.value)})"
+    return FieldError(name, second, label, f"traindeck-{prefix}{name}".replace("_", "-"), group, text)
+
+
+def error_text(exc: Exception) -> str:
+    """The Message box's line for a refused input: the field's label when it has one."""
+    found = explain(exc) if isinstance(exc, ConfigError) else None
+    return f"error: {found.text if found else exc}"
 
 
 def persist_upload(path: str | None, folder: Path, field: str) -> str:

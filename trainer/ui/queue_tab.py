@@ -1,11 +1,14 @@
 """The Queue and Plot tabs."""
 from __future__ import annotations
 
+import json
+
 import gradio as gr
 
 from ..paths import logs_dir
 from .compat import make, on
-from .controller import QUEUE_HEADERS, Controller
+from .controller import Controller
+from .feed import QUEUE_HEADERS
 from .train_tab import guarded
 
 
@@ -17,7 +20,9 @@ class QueueTab:
         self.table = make(gr.Dataframe, value=ctl.queue_rows() or None, headers=QUEUE_HEADERS, interactive=False,
                           wrap=True, col_count=(len(QUEUE_HEADERS), "fixed"), elem_id="traindeck-queue-table")
         with gr.Row():
-            self.job = make(gr.Dropdown, choices=ctl.job_choices(), value=None, label="Job",
+            # allow_custom_value: a pick whose job another page removed reaches the handler, which
+            # says so, instead of gradio 4 refusing the value on its own
+            self.job = make(gr.Dropdown, choices=ctl.job_choices(), value=None, label="Job", allow_custom_value=True,
                             elem_id="traindeck-queue-job", scale=3)
             self.start = make(gr.Button, value="Start queue", variant="primary", elem_id="traindeck-queue-start")
             self.up = make(gr.Button, value="Up", elem_id="traindeck-queue-up")
@@ -34,6 +39,16 @@ class QueueTab:
         pick = ids.get(self.ctl.job_id(keep)) if keep else None
         rows = self.ctl.queue_rows()
         return [gr.update(value=rows or [[""] * len(QUEUE_HEADERS)]), gr.update(choices=choices, value=pick), note]
+
+    def poll(self, seen: str) -> list:
+        """Every few seconds: the table and the job list together, when either changed since this
+        page last got them. The pick is left alone (its label names the job, not its state, so it
+        stays valid while the job is listed)."""
+        rows, choices = self.ctl.queue_rows(), self.ctl.job_choices()
+        now = json.dumps([rows, choices], default=str)
+        if now == seen:
+            return [gr.update(), gr.update(), seen]
+        return [gr.update(value=rows or [[""] * len(QUEUE_HEADERS)]), gr.update(choices=choices), now]
 
     def _act(self, action) -> callable:
         def run(choice: str | None) -> list:

@@ -1,21 +1,25 @@
 """The Train tab: mode, model, presets, every setting from the schema, and the job buttons."""
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
 from ..config import MODES, SECOND_PASS_FIELDS, TrainConfig
 from ..params import ConfigError
 from . import form, widgets
-from .compat import image_input, make, on
+from .compat import image_input, image_output, make, on, then_js
 from .controller import Controller
 
 log = logging.getLogger(__name__)
 ERRORS = (ConfigError, FileExistsError, OSError, ValueError)
-_REQUIRED = [n for n in form.FORM_FIELDS if form.PARAMS[n].section == "required" and n not in form.SPECIAL]
-_OPTIONAL = [n for n in form.FORM_FIELDS if form.PARAMS[n].section != "required" and n not in form.SPECIAL]
+# A preset that leaves these empty keeps what the user chose or uploaded (they are the user's data).
+KEPT_WHEN_EMPTY = ("model", "vae", "lora_data_directory", *form.IMAGE_FIELDS)
+# The preview buttons appear in the modes whose prompt they render (the schema's modes).
+PREVIEW = {"original": "original_prompt", "target": "target_prompt"}
+SHOW_FIELD_ERROR = "(e) => { window.traindeckFieldError && window.traindeckFieldError(e); return []; }"
 
 
 def guarded(fn: Callable[..., Any], n_outputs: int) -> Callable[..., Any]:
@@ -26,7 +30,7 @@ def guarded(fn: Callable[..., Any], n_outputs: int) -> Callable[..., Any]:
         except ERRORS as exc:
             log.info("refused: %s", exc)
             skip = [gr.update()] * (n_outputs - 1)
-            return (*skip, f"error: {exc}") if n_outputs > 1 else f"error: {exc}"
+            return (*skip, form.error_text(exc)) if n_outputs > 1 else form.error_text(exc)
     return run
 
 
@@ -46,22 +50,42 @@ class TrainTab:
             self.refresh_models = make(gr.Button, value="Refresh models", elem_id="traindeck-refresh-models", scale=1)
         self._preset_row()
         with gr.Group():
-            self.fields = widgets.build(_REQUIRED, p, values, visible=shown)
-        with make(gr.Group, visible=bool(shown & set(form.PROMPT_FIELDS))) as self.prompt_group:
-            self.fields.update(widgets.build(list(form.PROMPT_FIELDS), p, values, visible=shown))
-            with gr.Row():
-                self.preview_orig = make(gr.Button, value="Generate original", elem_id="traindeck-preview-original")
-                self.preview_targ = make(gr.Button, value="Generate target", elem_id="traindeck-preview-target")
+            self.fields = widgets.build(form.REQUIRED, p, values, visible=shown)
+        self._prompts(values, shown, initial.mode)
         with make(gr.Row, visible=bool(shown & set(form.IMAGE_FIELDS))) as self.image_row:
             for name in form.IMAGE_FIELDS:
                 self.fields[name] = image_input(p[name].label, f"traindeck-{name}".replace("_", "-"))
-        with make(gr.Accordion, label="Optional settings", open=False):
-            self.fields.update(widgets.build(_OPTIONAL, p, values, visible=shown))
-        with make(gr.Accordion, label="2nd pass (Difference)", open=False, visible=initial.mode == "Difference") as self.second_box:
-            self.copy_first = make(gr.Button, value="Copy settings from 1st pass", elem_id="traindeck-copy-first")
-            self.second = widgets.build(list(SECOND_PASS_FIELDS), p, form.second_values(initial), prefix="2nd-")
+        self._groups(values, shown, initial)
         self.fields.update(mode=self.mode, model=self.model, vae=self.vae)
         self._buttons()
+
+    def _prompts(self, values: dict, shown: set[str], mode: str) -> None:
+        """The prompts, and a preview button with its own image box for each prompt of the mode."""
+        with make(gr.Group, visible=bool(shown & set(form.PROMPT_FIELDS))) as self.prompt_group:
+            self.fields.update(widgets.build(list(form.PROMPT_FIELDS), form.PARAMS, values, visible=shown))
+            self.preview_cols, self.preview_buttons, self.preview_images = {}, {}, {}
+            with gr.Row():
+                for which, prompt in PREVIEW.items():
+                    with make(gr.Column, visible=mode in form.PARAMS[prompt].modes) as self.preview_cols[which]:
+                        self.preview_buttons[which] = make(gr.Button, value=f"Generate {which}",
+                                                           elem_id=f"traindeck-preview-{which}")
+                        self.preview_images[which] = image_output(f"{which.capitalize()} (base model)",
+                                                                  f"traindeck-preview-{which}-image")
+
+    def _groups(self, values: dict, shown: set[str], initial: TrainConfig) -> None:
+        """The optional settings, folded by the schema's groups; then Difference's 2nd pass."""
+        make(gr.Markdown, value="**Optional settings**", elem_id="traindeck-optional")
+        self.groups: dict[str, Any] = {}
+        for key, names in form.GROUP_FIELDS.items():
+            with make(gr.Accordion, label=form.GROUP_TITLES[key], open=False, visible=bool(shown & set(names)),
+                      elem_id=f"traindeck-group-{key}") as self.groups[key]:
+                self.fields.update(widgets.build(names, form.PARAMS, values, visible=shown))
+        with make(gr.Accordion, label="2nd pass (Difference)", open=False, visible=initial.mode == "Difference",
+                  elem_id="traindeck-group-second") as self.second_box:
+            self.copy_first = make(gr.Button, value="Copy settings from 1st pass", elem_id="traindeck-copy-first")
+            self.second = widgets.build(list(SECOND_PASS_FIELDS), form.PARAMS, form.second_values(initial),
+                                        prefix="2nd-", label_prefix=form.SECOND_LABEL)
+        self.groups["second"] = self.second_box
 
     def _preset_row(self) -> None:
         with gr.Row():
@@ -81,6 +105,8 @@ class TrainTab:
             self.stop_save = make(gr.Button, value="Stop and Save", elem_id="traindeck-stop-save")
             self.enqueue = make(gr.Button, value="Add to Queue", elem_id="traindeck-add")
         self.message = make(gr.Textbox, label="Message", interactive=False, elem_id="traindeck-message")
+        # Where the refused field is, for javascript/traindeck.js (it marks the field and shows the text).
+        self.field_error = make(gr.Textbox, value="", visible=False, elem_id="traindeck-field-error")
         self.status = make(gr.Textbox, label="Status", interactive=False, value=self.ctl.status(),
                            elem_id="traindeck-status")
         self.gallery = make(gr.Gallery, label="Samples", columns=4, height=260, elem_id="traindeck-samples")
@@ -102,32 +128,44 @@ class TrainTab:
         second = dict(zip(SECOND_PASS_FIELDS, args[n:n + len(SECOND_PASS_FIELDS)]))
         return self.ctl.config(values, second)
 
-    def show(self, cfg: TrainConfig, keep_model: bool = True) -> list:
-        """Updates that put `cfg` into every widget (an empty model/VAE keeps the current pick)."""
+    def show(self, cfg: TrainConfig) -> list:
+        """Updates that put `cfg` into every widget; what it leaves empty of KEPT_WHEN_EMPTY stays."""
         values, second = form.form_values(cfg), form.second_values(cfg)
         out = []
         for name in form.FORM_FIELDS:
             value = values[name]
-            if keep_model and name in ("model", "vae") and not value:
-                out.append(gr.update())
-            elif name in form.IMAGE_FIELDS:
-                out.append(gr.update(value=value or None))
-            else:
-                out.append(gr.update(value=value))
+            out.append(gr.update() if name in KEPT_WHEN_EMPTY and not value else gr.update(value=value))
         return out + [gr.update(value=second[n]) for n in SECOND_PASS_FIELDS]
 
     # ---- events ---------------------------------------------------------------------------
     @property
     def mode_outputs(self) -> list:
         fields = [self.fields[n] for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
-        return fields + [self.prompt_group, self.image_row, self.second_box]
+        return fields + [self.prompt_group, self.image_row, *self.preview_cols.values(), *self.groups.values()]
 
     def on_mode(self, mode: str) -> list:
         shown = form.visible_fields(mode)
         ups = [gr.update(visible=n in shown) for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
-        return ups + [gr.update(visible=bool(shown & set(form.PROMPT_FIELDS))),
-                      gr.update(visible=bool(shown & set(form.IMAGE_FIELDS))),
-                      gr.update(visible=mode == "Difference")]
+        ups += [gr.update(visible=bool(shown & set(form.PROMPT_FIELDS))),
+                gr.update(visible=bool(shown & set(form.IMAGE_FIELDS)))]
+        ups += [gr.update(visible=mode in form.PARAMS[prompt].modes) for prompt in PREVIEW.values()]
+        ups += [gr.update(visible=bool(shown & set(names))) for names in form.GROUP_FIELDS.values()]
+        return ups + [gr.update(visible=mode == "Difference")]
+
+    def submit(self, start: bool) -> Callable[..., list]:
+        """Start or Add: the job is checked whole; a refusal is shown beside its field, group opened."""
+        def run(*args) -> list:
+            try:
+                cfg = self.read(args)
+                text = self.ctl.start(cfg) if start else self.ctl.add(cfg)
+            except ERRORS as exc:
+                log.info("refused: %s", exc)
+                where = form.explain(exc) if isinstance(exc, ConfigError) else None
+                opened = [gr.update(open=True) if where and where.group == key else gr.update()
+                          for key in self.groups]
+                return [form.error_text(exc), json.dumps(where.payload()) if where else "", *opened]
+            return [text, "", *[gr.update() for _ in self.groups]]
+        return run
 
     def on_load_preset(self, name: str) -> list:
         cfg, warnings = self.ctl.load_preset(name)
@@ -151,19 +189,30 @@ class TrainTab:
     def on_copy_first(self, *values) -> list:
         return [gr.update(value=v) for v in values]
 
-    def on_preview(self, which: str) -> Callable[..., list]:
-        def run(*args) -> list:
-            values = dict(zip(form.FORM_FIELDS, args))
-            cfg = form.config_from(values, None, self.ctl.fallbacks)
-            images = self.ctl.preview(cfg, which)
-            return [images, f"generated the {which} prompt with the base model"]
+    def on_preview(self, which: str) -> Callable[..., Iterator[list]]:
+        """Generate original/target: busy at once (button off, message), then the image in its own box."""
+        idle = gr.update(value=f"Generate {which}", interactive=True)
+
+        def run(*args) -> Iterator[list]:
+            yield [gr.update(value="Generating…", interactive=False), gr.update(),
+                   f"generating the {which} preview: loading the base model, then sampling (this can take a minute)"]
+            try:
+                cfg = form.config_from(dict(zip(form.FORM_FIELDS, args)), None, self.ctl.fallbacks)
+                images = self.ctl.preview(cfg, which)
+            except ERRORS as exc:
+                log.info("preview refused: %s", exc)
+                yield [idle, gr.update(), form.error_text(exc)]
+                return
+            yield [idle, images[0], f"generated the {which} prompt with the base model"]
         return run
 
     def wire(self) -> None:
         msg, n_form = self.message, len(self.outputs) + 1
         on(self.mode.change, self.on_mode, [self.mode], self.mode_outputs, "traindeck_mode")
-        on(self.start.click, guarded(lambda *a: self.ctl.start(self.read(a)), 1), self.inputs, [msg], "traindeck_start")
-        on(self.enqueue.click, guarded(lambda *a: self.ctl.add(self.read(a)), 1), self.inputs, [msg], "traindeck_add")
+        job_outputs = [msg, self.field_error, *self.groups.values()]
+        for button, start, api in ((self.start, True, "traindeck_start"), (self.enqueue, False, "traindeck_add")):
+            then_js(on(button.click, self.submit(start), self.inputs, job_outputs, api), SHOW_FIELD_ERROR,
+                    [self.field_error])
         on(self.stop.click, lambda: self.ctl.stop(False), None, [msg], "traindeck_stop")
         on(self.stop_save.click, lambda: self.ctl.stop(True), None, [msg], "traindeck_stop_save")
         on(self.load_preset_btn.click, guarded(self.on_load_preset, n_form), [self.preset], [*self.outputs, msg],
@@ -177,6 +226,6 @@ class TrainTab:
         first = [self.fields[n] for n in SECOND_PASS_FIELDS]
         on(self.copy_first.click, self.on_copy_first, first, [self.second[n] for n in SECOND_PASS_FIELDS],
            "traindeck_copy_first")
-        for button, which in ((self.preview_orig, "original"), (self.preview_targ, "target")):
-            on(button.click, guarded(self.on_preview(which), 2), self.inputs[:len(form.FORM_FIELDS)],
-               [self.gallery, msg], f"traindeck_preview_{which}")
+        for which, button in self.preview_buttons.items():
+            on(button.click, self.on_preview(which), self.inputs[:len(form.FORM_FIELDS)],
+               [button, self.preview_images[which], msg], f"traindeck_preview_{which}")

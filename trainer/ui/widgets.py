@@ -10,10 +10,10 @@ from ..params import Param
 from .compat import make
 
 
-def component(name: str, p: Param, value: Any, *, prefix: str = "", visible: bool = True):
+def component(name: str, p: Param, value: Any, *, prefix: str = "", visible: bool = True, label_prefix: str = ""):
     """The widget for one setting; elem_id is 'traindeck-<prefix><name>' (browser tests find it)."""
     elem_id = f"traindeck-{prefix}{name}".replace("_", "-")
-    common = dict(label=p.label, info=p.help, visible=visible, elem_id=elem_id)
+    common = dict(label=f"{label_prefix}{p.label}", info=p.help, visible=visible, elem_id=elem_id)
     if p.kind == "bool":
         return make(gr.Checkbox, value=bool(value), **common)
     if p.kind == "choice":
@@ -25,13 +25,14 @@ def component(name: str, p: Param, value: Any, *, prefix: str = "", visible: boo
     return make(gr.Textbox, value=value, lines=1, max_lines=1, **common)
 
 
-def build(names: list[str], params: dict[str, Param], values: dict[str, Any], *, prefix: str = "",
-          visible: set[str] | None = None) -> dict[str, Any]:
+def build(names: list[str] | tuple[str, ...], params: dict[str, Param], values: dict[str, Any], *,
+          prefix: str = "", visible: set[str] | None = None, label_prefix: str = "") -> dict[str, Any]:
     """Widgets for `names` in order, laid out two to a row; returns {name: component}."""
     out: dict[str, Any] = {}
     for start in range(0, len(names), 2):
         with gr.Row():
             for name in names[start:start + 2]:
                 shown = visible is None or name in visible
-                out[name] = component(name, params[name], values[name], prefix=prefix, visible=shown)
+                out[name] = component(name, params[name], values[name], prefix=prefix, visible=shown,
+                                      label_prefix=label_prefix)
     return out
