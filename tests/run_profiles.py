@@ -154,6 +154,7 @@ def build(profile: Profile, venv: Path) -> None:
     print("  install.py:", flush=True)
     run_install_py(python)
     frozen = write_freeze(freeze(python), venv / "before-tests-freeze.txt")
+    print("  test tools (pytest" + (", playwright" if profile.ui else "") + ")", flush=True)
     for req in test_requirements(profile):
         run_logged([*pip, "-c", str(frozen), "-r", str(req)], log)
 

@@ -8,7 +8,7 @@ from trainer.host import StandaloneHost
 from trainer.params import ConfigError
 from trainer.ui.controller import Controller
 
-from tests.enginekit import quick_config
+from tests.enginekit import make_images, quick_config
 
 
 @pytest.fixture()
@@ -16,6 +16,8 @@ def ctl(tmp_path, logs):
     models, lora = tmp_path / "models", tmp_path / "lora"
     models.mkdir()
     lora.mkdir()
+    (lora / "sub").mkdir()  # a resume path through it must exist: jobs are checked when they are added
+    make_images(tmp_path / "data")
     (models / "sd15.safetensors").write_bytes(b"x")
     (lora / "mine.safetensors").write_bytes(b"x")
     (tmp_path / "elsewhere.safetensors").write_bytes(b"x")
