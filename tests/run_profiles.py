@@ -52,7 +52,7 @@ PROFILES = {
     "a1111": Profile("a1111", ("-m", "not needs_peft"), ("peft",)),
     "forge": Profile("forge", (), ()),
     "latest": Profile("latest", ("-m", "not ui"), (), ui=False),
-    "neo": Profile("neo", ("-m", "not ui"), (), ui=False),
+    "neo": Profile("neo", ("-m", "not ui and not slow"), (), ui=False),  # core subset: keeps CI short
 }
 
 
