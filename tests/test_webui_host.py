@@ -2,6 +2,8 @@
 reused from memory, its weights untouched, the host's lock and progress, LoRA unmerging."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from trainer.textenc import encode_prompts
 from tests.enginekit import make_images, quick_config
 from tests.ldm_export import assert_same_model
 from tests.tiny import tiny_bundle
-from tests.webuikit import a1111_model, fake_webui, forge_model, host_tensors
+from tests.webuikit import a1111_model, fake_webui, forge_model, fp16_exact, host_tensors
 
 CPU = torch.device("cpu")
 
@@ -34,7 +36,7 @@ def no_file_reads(monkeypatch):
 def test_the_loaded_model_is_reused_from_memory(kind, family, tmp_path, monkeypatch):
     from trainer.hosts.webui import WebUIHost
 
-    src = tiny_bundle(family)
+    src = fp16_exact(tiny_bundle(family))  # Forge holds fp16 copies: the same values
     with fake_webui(kind) as w:
         make = forge_model if kind == "forge" else a1111_model
         w.shared.sd_model = model = make(src, tmp_path / f"{family}.safetensors")
@@ -49,8 +51,34 @@ def test_the_loaded_model_is_reused_from_memory(kind, family, tmp_path, monkeypa
         shared = sum(p in host_ptrs for p in unet_ptrs) / len(unet_ptrs)
         if kind == "a1111":
             assert shared > 0.9  # renamed, not copied (only reshaped tensors are new)
-        else:
-            assert shared == 0 and not any(p.is_inference() for p in bundle.unet.parameters())
+        else:  # owned copies, all in the dtype asked for (Forge mixes fp16 and fp32), no alias left
+            tensors = [t for m in bundle.modules() for t in m.parameters()]
+            assert shared == 0 and not any(t.is_inference() or t.dtype != torch.float32 for t in tensors)
+        assert "reused from memory, no file read" in bundle.extra["trains_on"]
+
+
+def test_forge_leaves_out_the_lora_its_last_generation_merged(tmp_path, logs):
+    """Forge's LoraLoader replaces merged Parameters and keeps the originals in `lora_loader.backup`
+    until a generation without LoRAs: the job reads the originals and changes nothing in the host."""
+    from trainer.hosts.webui import WebUIHost
+
+    src = fp16_exact(tiny_bundle("sd1"))
+    with fake_webui("forge") as w:
+        w.shared.sd_model = model = forge_model(src, tmp_path / "m.safetensors")
+        kmodel, clip = model.forge_objects.unet.model, model.forge_objects.clip.cond_stage_model
+        merged = ((kmodel, "diffusion_model.input_blocks.1.1.proj_in.weight"),
+                  (clip, "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"))
+        for holder, key in merged:
+            path, leaf = key.rsplit(".", 1)
+            owner = holder.get_submodule(path)
+            holder.lora_loader = SimpleNamespace(backup={key: getattr(owner, leaf)}, loaded_hash="[('x',)]")
+            with torch.inference_mode():
+                setattr(owner, leaf, torch.nn.Parameter(getattr(owner, leaf) + 0.5, requires_grad=False))
+        before = weights_digest(host_tensors(model))
+        bundle = WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        assert_same_model(src, bundle)
+        assert bundle.extra["loras_taken_out"] == 2 and "2 weights of a merged LoRA left out" in bundle.extra["trains_on"]
+        assert weights_digest(host_tensors(model)) == before  # the host keeps its merge and its backups
 
 
 def run_job(host, tmp_path, **over):

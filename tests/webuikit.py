@@ -90,24 +90,47 @@ def a1111_model_from_ldm(sd: dict[str, torch.Tensor], family: str, checkpoint: P
     return model
 
 
-def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
-    """Forge's engine object: separate parts, every tensor made under inference mode."""
-    ldm = export_ldm(bundle)
-    unet = {k[len("model.diffusion_model."):]: v for k, v in ldm.items() if k.startswith("model.diffusion_model.")}
-    vae = {k[len("first_stage_model."):]: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
-    tes = bundle.text_encoders
+def fp16_exact(bundle):
+    """Round every weight of `bundle` to fp16 and back, so an fp16 copy of it holds the same values."""
+    with torch.no_grad():
+        for module in bundle.modules():
+            for t in module.parameters():
+                t.copy_(t.half().float())
+    return bundle
+
+
+def _forge_clip(bundle) -> dict[str, torch.Tensor]:
+    """Forge's joint text encoder state dict: `clip_l/clip_h/clip_g.transformer.*` in fp16, the token
+    and position embeddings in fp32 (its engine casts them), the textual-inversion wrapper's alias."""
     names = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[bundle.family]
     clip: dict[str, torch.Tensor] = {}
-    for name, te in zip(names, tes):
+    for name, te in zip(names, bundle.text_encoders):
         hf = _hf_clip(te)
         if getattr(te, "text_projection", None) is not None:
             hf["text_projection.weight"] = te.text_projection.weight.clone()
-        clip.update({f"{name}.transformer.{k}": v for k, v in hf.items()})
+        for key, value in hf.items():
+            fp32 = key.endswith(("token_embedding.weight", "position_embedding.weight"))
+            clip[f"{name}.transformer.{key}"] = value if fp32 or not value.is_floating_point() else value.half()
+    return clip
+
+
+def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
+    """Forge's engine object: separate parts, every tensor made under inference mode, the U-Net in fp16.
+    Call fp16_exact(bundle) first where the copy must equal the source."""
+    ldm = export_ldm(bundle)
+    unet = {k[len("model.diffusion_model."):]: v.half() for k, v in ldm.items()
+            if k.startswith("model.diffusion_model.")}
+    vae = {k[len("first_stage_model."):]: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
     with torch.inference_mode():
-        parts = [module_tree({k: v.clone() for k, v in part.items()}) for part in (unet, vae, clip)]
-    predictor = SimpleNamespace(prediction_type="v_prediction" if bundle.v_pred else "epsilon")
-    objects = SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=parts[0], predictor=predictor)),
-                              vae=SimpleNamespace(first_stage_model=parts[1]),
+        parts = [module_tree({k: v.clone() for k, v in part.items()}) for part in (unet, vae, _forge_clip(bundle))]
+        for te in parts[2].children():  # the alias: the same Parameter under `wrapped`
+            emb = te.transformer.text_model.embeddings.token_embedding
+            emb.add_module("wrapped", nn.Module())
+            emb.wrapped.weight = emb.weight
+    kmodel = nn.Module()
+    kmodel.diffusion_model = parts[0]
+    kmodel.predictor = SimpleNamespace(prediction_type="v_prediction" if bundle.v_pred else "epsilon")
+    objects = SimpleNamespace(unet=SimpleNamespace(model=kmodel), vae=SimpleNamespace(first_stage_model=parts[1]),
                               clip=SimpleNamespace(cond_stage_model=parts[2]))
     write_single_file(bundle, checkpoint)
     return SimpleNamespace(forge_objects=objects, sd_checkpoint_info=_info(checkpoint),

@@ -76,19 +76,63 @@ def _renamed(sd: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch
     return {new + k[len(old):]: v for k, v in sd.items() if k.startswith(old)}
 
 
-def _cloned(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inference tensors cannot be saved for backward: clone those (outside inference mode)."""
+def _owned(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Copies of the host's tensors in one dtype, made outside inference mode.
+
+    Forge's tensors are inference tensors (they cannot be saved for backward) and come in
+    mixed dtypes: fp16 text encoders whose token and position embeddings its engine casts
+    to fp32. Copying in one dtype fixes both; values from an fp16 file are exact in fp32.
+    """
     with torch.inference_mode(False):
-        return {k: v.clone() if v.is_inference() else v for k, v in sd.items()}
+        return {k: v.to(dtype=dtype, copy=True) if v.is_floating_point() else v.clone() for k, v in sd.items()}
 
 
-def forge_parts(sd_model: Any) -> tuple[dict, dict, dict]:
-    """(U-Net, VAE, text-encoder) state dicts of a Forge model, cloned where needed."""
+def without_aliases(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop `.wrapped.` aliases whose plain key is present (Forge's textual-inversion wrapper
+    keeps the token embedding both as `token_embedding.weight` and `token_embedding.wrapped.weight`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        plain = strip_wrapped(key)
+        if plain != key and plain in sd:
+            continue
+        out[plain] = value
+    return out
+
+
+def forge_lora_backups(holder: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The pristine tensors Forge's LoraLoader set aside when it merged a LoRA in place.
+
+    `holder` is the module a patcher wraps (the KModel, the joint text encoder); its
+    `lora_loader.backup` maps parameter paths to the originals and stays filled until the
+    next generation without LoRAs. Keys are returned without `prefix`.
+    """
+    backup = getattr(getattr(holder, "lora_loader", None), "backup", None) or {}
+    return {k[len(prefix):]: v for k, v in backup.items() if k.startswith(prefix)}
+
+
+def _pristine(module: Any, backups: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = module.state_dict()
+    unknown = sorted(set(backups) - set(sd))
+    if unknown:
+        raise ConfigError("model", "loaded model", f"Forge's LoRA backups name weights the model lacks: {unknown[:3]}")
+    return {**sd, **backups}
+
+
+def forge_parts(sd_model: Any, dtype: torch.dtype = torch.float32) -> tuple[dict, dict, dict, int]:
+    """(U-Net, VAE, text-encoder) state dicts of a Forge model as owned copies in `dtype`,
+    with any merged LoRA taken out (from Forge's own backups), and how many weights that restored."""
     objects = sd_model.forge_objects
-    unet = _cloned(objects.unet.model.diffusion_model.state_dict())
-    vae = _cloned(objects.vae.first_stage_model.state_dict())
-    clip = _cloned(objects.clip.cond_stage_model.state_dict())
-    return unet, vae, clip
+    kmodel, clip_model = objects.unet.model, objects.clip.cond_stage_model
+    unet_backups = forge_lora_backups(kmodel, "diffusion_model.")
+    clip_backups = forge_lora_backups(clip_model)
+    unet = _owned(_pristine(kmodel.diffusion_model, unet_backups), dtype)
+    vae = _owned(objects.vae.first_stage_model.state_dict(), dtype)
+    clip = _owned(without_aliases(_pristine(clip_model, clip_backups)), dtype)
+    restored = len(unet_backups) + len(clip_backups)
+    if restored:
+        log.info("read %d weights from Forge's LoRA backups: the LoRA merged by the last generation is left out",
+                 restored)
+    return unet, vae, clip, restored
 
 
 def family_of(sd_model: Any) -> str:
@@ -97,9 +141,10 @@ def family_of(sd_model: Any) -> str:
     return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
 
 
-def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_config: Any = None) -> ModelBundle:
+def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_config: Any = None,
+                 dtype: torch.dtype = torch.float32) -> ModelBundle:
     """A Forge model as a bundle: ldm names for the U-Net/VAE/CLIP-L, transformers' for CLIP-H/G."""
-    unet, vae, clip = forge_parts(sd_model)
+    unet, vae, clip, restored = forge_parts(sd_model, dtype)
     family = family_of(sd_model)
     sd = {**_prefixed(unet, "model.diffusion_model."), **_prefixed(vae, "first_stage_model.")}
     tes = None
@@ -113,8 +158,10 @@ def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_conf
 
         tes = [clip_l_from_ldm(sd, SDXL_CLIP_L, name=name),
                hf_clip_from_state_dict(clip, "clip_g.transformer.", name=name, projection=True)]
-    return load_from_state_dict(sd, name=name, v_pred=v_pred, family=family, text_encoders=tes,
-                                original_config=original_config)
+    bundle = load_from_state_dict(sd, name=name, v_pred=v_pred, family=family, text_encoders=tes,
+                                  original_config=original_config)
+    bundle.extra["loras_taken_out"] = restored
+    return bundle
 
 
 def weights_digest(tensors: Iterable[torch.Tensor]) -> str:
