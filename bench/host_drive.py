@@ -2,6 +2,7 @@
 
     python bench/host_drive.py memory --url URL --pid PID --webui DIR [--jobs 5] [--iters 4] --out FILE
     python bench/host_drive.py checks --url URL --webui DIR --log CONSOLE_LOG [--iters 4] --out FILE
+    python bench/host_drive.py emphasis --url URL --webui DIR [--loras NAME ...] [--multipliers 1 20] --out FILE
 
 Start the WebUI first (CPU is fine) with its API on (`--api`), a checkpoint selected, and this
 extension in extensions/. Standard library plus Pillow (both WebUIs ship it); run it with any Python.
@@ -15,6 +16,8 @@ checks: for lierla, c3lier, loha, lokr, dora and iLECO: a job on the loaded mode
         WebUI's own LoRA loader (its console lines recorded: no skipped or unmatched key) and must
         change the image; the image without LoRA must come back. Last, a job right after a
         `<lora:NAME:1>` generation must start from the same loss as the clean job.
+emphasis: the same generation under the WebUI's "Original" emphasis and under "No norm" (see the
+        README: on a random model the former divides 0 by 0).
 The figures go to --out as JSON (bench/results/ keeps the recorded ones).
 """
 from __future__ import annotations
@@ -164,8 +167,9 @@ def checks(a: argparse.Namespace) -> dict:
     base = txt2img(a.url, PROMPT)
     ckpt = Path(a.checkpoint)
     copy = ckpt.with_name(ckpt.stem + "-fromfile" + ckpt.suffix)
-    if not copy.exists():
-        os.link(ckpt, copy)  # the same bytes under another name: the WebUI reads it from file
+    for src, dst in ((ckpt, copy), (ckpt.with_suffix(".yaml"), copy.with_suffix(".yaml"))):
+        if src.exists() and not dst.exists():
+            os.link(src, dst)  # the same bytes (and config) under another name: the WebUI reads it from file
     call(a.url, "POST", "/sdapi/v1/refresh-checkpoints")
     out: dict = {"base": {k: v for k, v in base.items() if k != "_px"}, "types": {}}
     for kind in a.types:
@@ -200,9 +204,27 @@ def checks(a: argparse.Namespace) -> dict:
     return out
 
 
+def emphasis(a: argparse.Namespace) -> dict:
+    """Each prompt (with no LoRA, then each of --loras at each of --multipliers) under the WebUI's
+    "Original" emphasis, which divides the conditioning by its mean, and under "No norm", which does not."""
+    out: dict = {"runs": []}
+    prompts = [PROMPT] + [f"{PROMPT} <lora:{n}:{m}>" for n in a.loras for m in a.multipliers]
+    for mode in ("Original", "No norm"):
+        call(a.url, "POST", "/sdapi/v1/options", {"emphasis": mode})
+        for prompt in prompts:
+            r = txt2img(a.url, prompt)
+            r.pop("_px", None)
+            out["runs"].append({"emphasis": mode, **r})
+            print(json.dumps(out["runs"][-1]), flush=True)
+    call(a.url, "POST", "/sdapi/v1/options", {"emphasis": "Original"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["memory", "checks"])
+    ap.add_argument("what", choices=["memory", "checks", "emphasis"])
+    ap.add_argument("--loras", nargs="*", default=[], help="LoRA names for emphasis")
+    ap.add_argument("--multipliers", nargs="*", type=float, default=[1.0])
     ap.add_argument("--url", default="http://127.0.0.1:7860")
     ap.add_argument("--pid", type=int, help="the WebUI's process id (memory)")
     ap.add_argument("--webui", required=True, help="the WebUI's folder (CSV logs live in its extensions/)")
@@ -219,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "checks" and not (a.log and a.checkpoint):
         ap.error("checks needs --log and --checkpoint")
     result = {"what": a.what, "url": a.url, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              **(memory(a) if a.what == "memory" else checks(a))}
+              **{"memory": memory, "checks": checks, "emphasis": emphasis}[a.what](a)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {a.out}")

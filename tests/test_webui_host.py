@@ -134,7 +134,9 @@ def test_a_merged_lora_is_taken_out_first(tmp_path, logs):
         target = model.model.diffusion_model.input_blocks.get_submodule("1.1.proj_in")
         pristine = target.weight.detach().clone()
         target.network_weights_backup = pristine.clone()
+        target.network_bias_backup = target.bias.detach().clone()  # A1111 backs up both
         target.network_current_names = ("somelora",)
+        assert target.weight.requires_grad  # A1111 leaves it on, and its restore is a plain copy_
         with torch.no_grad():
             target.weight.add_(0.5)  # merged in place, as the built-in Lora extension leaves it
         w.networks.loaded_networks.append("somelora")

@@ -59,9 +59,10 @@ def unmerge_loras(sd_model: Any, networks: Any | None) -> int:
         raise ConfigError("model", getattr(getattr(sd_model, "sd_checkpoint_info", None), "title", "loaded model"),
                           "a LoRA is merged into the loaded model's weights and cannot be taken out here; "
                           "generate once without LoRAs (or reload the checkpoint), then start again")
-    for module in merged:
-        networks.network_restore_weights_from_backup(module)
-        module.network_current_names = ()
+    with torch.no_grad():  # the host's restore is a plain copy_ into Parameters that may require grad
+        for module in merged:
+            networks.network_restore_weights_from_backup(module)
+            module.network_current_names = ()
     if hasattr(networks, "loaded_networks"):
         networks.loaded_networks.clear()
     log.info("took %d merged LoRA weights out of the loaded model before training", len(merged))
