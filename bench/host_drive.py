@@ -164,14 +164,19 @@ def console_since(log: Path, pos: int) -> list[str]:
 def checks(a: argparse.Namespace) -> dict:
     webui, log = Path(a.webui), Path(a.log)
     data = make_data(Path(a.work) / "data")
+    if a.set_emphasis:  # a random model can make "Original" divide 0 by 0 (see `emphasis`)
+        call(a.url, "POST", "/sdapi/v1/options", {"emphasis": a.set_emphasis})
     base = txt2img(a.url, PROMPT)
+    if "_px" not in base:
+        raise RuntimeError(f"the WebUI could not generate without a LoRA: {base}")
     ckpt = Path(a.checkpoint)
     copy = ckpt.with_name(ckpt.stem + "-fromfile" + ckpt.suffix)
     for src, dst in ((ckpt, copy), (ckpt.with_suffix(".yaml"), copy.with_suffix(".yaml"))):
         if src.exists() and not dst.exists():
             os.link(src, dst)  # the same bytes (and config) under another name: the WebUI reads it from file
     call(a.url, "POST", "/sdapi/v1/refresh-checkpoints")
-    out: dict = {"base": {k: v for k, v in base.items() if k != "_px"}, "types": {}}
+    out: dict = {"emphasis": a.set_emphasis or "as set", "base": {k: v for k, v in base.items() if k != "_px"},
+                 "types": {}}
     for kind in a.types:
         r: dict = {}
         for side, model in (("memory", ""), ("file", copy.name)):
@@ -225,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("what", choices=["memory", "checks", "emphasis"])
     ap.add_argument("--loras", nargs="*", default=[], help="LoRA names for emphasis")
     ap.add_argument("--multipliers", nargs="*", type=float, default=[1.0])
+    ap.add_argument("--set-emphasis", help="checks: the WebUI's emphasis option to set first (e.g. 'No norm')")
     ap.add_argument("--url", default="http://127.0.0.1:7860")
     ap.add_argument("--pid", type=int, help="the WebUI's process id (memory)")
     ap.add_argument("--webui", required=True, help="the WebUI's folder (CSV logs live in its extensions/)")

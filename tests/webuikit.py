@@ -2,6 +2,7 @@
 and loaded models laid out the way A1111 and Forge hold them in memory."""
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,8 +13,10 @@ import torch
 from torch import nn
 
 from tests.ldm_export import _hf_clip, export_ldm, write_single_file
+from tests.record_host import pattern
 
 HERE = Path(__file__).resolve().parent
+RECORD = HERE / "fixtures" / "host_record.json"
 _FAKE_NAMES = ("modules", "networks", "modules_forge")
 
 
@@ -99,42 +102,79 @@ def fp16_exact(bundle):
     return bundle
 
 
+def host_record() -> dict:
+    """What tests/record_host.py recorded from the real WebUIs (tests/fixtures/host_record.json)."""
+    return json.loads(RECORD.read_text(encoding="utf-8"))
+
+
+def _as_recorded(sd: dict[str, torch.Tensor], keys: dict[str, list]) -> dict[str, torch.Tensor]:
+    """Each tensor in the dtype the real host holds that key in (keys the record lacks keep theirs)."""
+    out = {}
+    for key, value in sd.items():
+        dtype = keys.get(pattern(key), [None])[0]
+        out[key] = value.to(getattr(torch, dtype)) if dtype and value.is_floating_point() else value
+    return out
+
+
 def _forge_clip(bundle) -> dict[str, torch.Tensor]:
-    """Forge's joint text encoder state dict: `clip_l/clip_h/clip_g.transformer.*` in fp16, the token
-    and position embeddings in fp32 (its engine casts them), the textual-inversion wrapper's alias."""
+    """Forge's joint text encoder: `clip_l/clip_h/clip_g.transformer.*` (transformers' layout, no
+    position_ids buffer in its state dict), plus what its IntegratedCLIP adds: `logit_scale`, and for
+    OpenCLIP-H a `text_projection` it never loads from the checkpoint."""
     names = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[bundle.family]
     clip: dict[str, torch.Tensor] = {}
     for name, te in zip(names, bundle.text_encoders):
-        hf = _hf_clip(te)
+        hf = {k: v for k, v in _hf_clip(te).items() if not k.startswith("text_model.text_projection")
+              and not k.endswith("position_ids")}
         if getattr(te, "text_projection", None) is not None:
             hf["text_projection.weight"] = te.text_projection.weight.clone()
-        for key, value in hf.items():
-            fp32 = key.endswith(("token_embedding.weight", "position_embedding.weight"))
-            clip[f"{name}.transformer.{key}"] = value if fp32 or not value.is_floating_point() else value.half()
+        elif name == "clip_h":
+            hidden = te.config.hidden_size
+            hf["text_projection.weight"] = torch.randn(hidden, hidden)
+        clip.update({f"{name}.transformer.{k}": v for k, v in hf.items()})
+        clip[f"{name}.logit_scale"] = torch.tensor(4.6052)
     return clip
 
 
+def _add_aliases(root: nn.Module, aliases: list[str]) -> None:
+    """`a.b.wrapped.weight` names the Parameter `a.b.weight` a second time (Forge's TI wrapper)."""
+    for alias in aliases:
+        owner_path = alias[: -len(".wrapped.weight")]
+        owner = root.get_submodule(owner_path)
+        owner.add_module("wrapped", nn.Module())
+        owner.wrapped.weight = owner.weight
+
+
 def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
-    """Forge's engine object: separate parts, every tensor made under inference mode, the U-Net in fp16.
+    """Forge's engine object built from the host record: its parts apart, each key in the recorded dtype,
+    the recorded aliases, inference tensors, and a LoraLoader (empty backup) where the record found one.
     Call fp16_exact(bundle) first where the copy must equal the source."""
+    rec = host_record()["forge"]
+    fam = rec[bundle.family]
     ldm = export_ldm(bundle)
-    unet = {k[len("model.diffusion_model."):]: v.half() for k, v in ldm.items()
-            if k.startswith("model.diffusion_model.")}
+    unet = {k[len("model.diffusion_model."):]: v for k, v in ldm.items() if k.startswith("model.diffusion_model.")}
     vae = {k[len("first_stage_model."):]: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
-    with torch.inference_mode():
-        parts = [module_tree({k: v.clone() for k, v in part.items()}) for part in (unet, vae, _forge_clip(bundle))]
-        for te in parts[2].children():  # the alias: the same Parameter under `wrapped`
-            emb = te.transformer.text_model.embeddings.token_embedding
-            emb.add_module("wrapped", nn.Module())
-            emb.wrapped.weight = emb.weight
+    with torch.inference_mode(rec["sd1"]["unet"]["inference"]):  # sd2/sdxl were recorded on meta
+        parts = [module_tree(_as_recorded(part, fam[name]["keys"]))
+                 for name, part in (("unet", unet), ("vae", vae), ("clip", _forge_clip(bundle)))]
+        _add_aliases(parts[2], fam["clip"]["aliases"])
     kmodel = nn.Module()
     kmodel.diffusion_model = parts[0]
     kmodel.predictor = SimpleNamespace(prediction_type="v_prediction" if bundle.v_pred else "epsilon")
     objects = SimpleNamespace(unet=SimpleNamespace(model=kmodel), vae=SimpleNamespace(first_stage_model=parts[1]),
                               clip=SimpleNamespace(cond_stage_model=parts[2]))
     write_single_file(bundle, checkpoint)
-    return SimpleNamespace(forge_objects=objects, sd_checkpoint_info=_info(checkpoint),
-                           is_sd1=bundle.family == "sd1", is_sd2=bundle.family == "sd2", is_sdxl=bundle.family == "sdxl")
+    model = SimpleNamespace(forge_objects=objects, sd_checkpoint_info=_info(checkpoint),
+                            **{flag: bundle.family == flag[3:] for flag in ("is_sd1", "is_sd2", "is_sdxl")})
+    for where in rec["sd1"]["lora"].values():
+        holder = _resolve(model, where["holder"])
+        holder.lora_loader = SimpleNamespace(backup={}, loaded_hash=str([]))
+    return model
+
+
+def _resolve(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _info(checkpoint: Path) -> SimpleNamespace:
