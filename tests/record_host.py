@@ -137,11 +137,10 @@ def meta_checkpoint(family: str, repo: Path) -> dict:
 def record_a1111(ckpt: str) -> dict:
     import torch
     import webui  # noqa: F401
-    from modules import initialize, sd_models, shared
+    from modules import initialize, shared
 
-    initialize.initialize()
-    model = sd_models.load_model()
-    model = model or shared.sd_model
+    initialize.initialize()  # loads the --ckpt checkpoint on a thread; shared.sd_model waits for it
+    model = shared.sd_model
     with torch.no_grad():
         model.get_learned_conditioning(["a photo of a cat"])
     lora = {"backup_attr": "network_weights_backup", "names_attr": "network_current_names",

@@ -85,6 +85,9 @@ def a1111_model_from_ldm(sd: dict[str, torch.Tensor], family: str, checkpoint: P
                          copy: bool = True) -> nn.Module:
     """The model A1111 builds from a checkpoint's state dict (`copy=False` keeps the tensors)."""
     model = module_tree({_hijacked(k): v for k, v in sd.items()}, copy=copy)
+    if family != "sdxl":  # ldm's LatentDiffusion keeps its DDPM schedule as buffers (in the record)
+        for name, value in ddpm_buffers().items():
+            model.register_buffer(name, value)
     if family == "sdxl":
         model.cond_stage_model = model.conditioner  # the alias sd_models_xl adds
     model.sd_checkpoint_info = _info(checkpoint)
@@ -142,6 +145,21 @@ def _add_aliases(root: nn.Module, aliases: list[str]) -> None:
         owner = root.get_submodule(owner_path)
         owner.add_module("wrapped", nn.Module())
         owner.wrapped.weight = owner.weight
+
+
+def ddpm_buffers(steps: int = 1000) -> dict[str, torch.Tensor]:
+    """The schedule buffers ldm's DDPM registers (scaled-linear betas 0.00085-0.012), by its formulas."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post = betas * (1 - prev) / (1 - ac)
+    out = {"betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": prev, "sqrt_alphas_cumprod": ac.sqrt(),
+           "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(), "log_one_minus_alphas_cumprod": (1 - ac).log(),
+           "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+           "posterior_variance": post, "posterior_log_variance_clipped": post.clamp(min=1e-20).log(),
+           "posterior_mean_coef1": betas * prev.sqrt() / (1 - ac),
+           "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - ac)}
+    return {k: v.float() for k, v in out.items()}
 
 
 def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
