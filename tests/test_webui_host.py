@@ -234,3 +234,18 @@ def test_versions_outside_the_tested_ones_are_reported(tmp_path):
     with fake_webui("forge"):
         assert host_kind()[0] == "forge"
 
+
+
+def test_forge_says_when_its_clip_skip_is_not_applied(tmp_path, capsys):
+    """Forge applies clip skip to SD2 (past 1) and SDXL (past 2); training keeps A1111's layers there."""
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui("forge") as w:
+        w.shared.sd_model = forge_model(tiny_bundle("sdxl"), tmp_path / "m.safetensors")
+        host = WebUIHost()
+        bundle = host.load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        for skip, said in ((2, False), (3, True)):
+            w.shared.opts.CLIP_stop_at_last_layers = skip
+            capsys.readouterr()
+            host.encode_fn(bundle)
+            assert ("clip skip 3 is not applied to SDXL" in capsys.readouterr().out) is said

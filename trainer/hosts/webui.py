@@ -193,6 +193,11 @@ class WebUIHost:
         skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
         if self.kind == "a1111" and bundle.family != "sd1":
             skip = 1  # A1111 applies clip skip to SD1 only (SD2 is fixed, SDXL has its own)
+        elif self.kind == "forge" and skip > {"sd1": 99, "sd2": 1, "sdxl": 2}[bundle.family]:
+            # Forge takes hidden_states[-max(n, 1)] for SD2 and [-max(n, 2)] for SDXL; training keeps
+            # A1111's fixed layers for those families, so say where the two part.
+            console(f"Forge's clip skip {skip} is not applied to {bundle.family.upper()} training prompts "
+                    "(they use A1111's layers: SD2 the penultimate, SDXL the penultimate of both encoders)")
         return lambda prompts: encode_prompts(bundle, prompts, clip_skip=skip)
 
     # ---- running alongside the host -----------------------------------------------------
