@@ -75,6 +75,7 @@ def forge_objects(sd_model) -> dict:
             "vae": describe(o.vae.first_stage_model, "forge_objects.vae.first_stage_model"),
             "clip": describe(o.clip.cond_stage_model, "forge_objects.clip.cond_stage_model"),
             "prediction_type": o.unet.model.predictor.prediction_type,
+            "unet_storage_dtype": str(getattr(o.unet.model.diffusion_model, "storage_dtype", None)).replace("torch.", ""),
             "flags": {f: bool(getattr(sd_model, f, False)) for f in ("is_sd1", "is_sd2", "is_sdxl")}}
 
 

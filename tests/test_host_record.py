@@ -45,6 +45,8 @@ def test_the_forge_stand_in_matches_the_record(family, tmp_path):
     for part, module in forge_parts(model).items():
         assert disagreements(describe(module, ""), rec[family][part], SIZE_ONLY.get(part, set())) == [], part
     assert {f: getattr(model, f) for f in rec[family]["flags"]} == rec[family]["flags"]
+    stored = model.forge_objects.unet.model.diffusion_model.storage_dtype
+    assert str(stored).replace("torch.", "") == rec[family]["unet_storage_dtype"]
     # where the adapter reads the prediction type (its value depends on the checkpoint, not the host)
     kinds = ("epsilon", "v_prediction")
     assert model.forge_objects.unet.model.predictor.prediction_type in kinds and rec[family]["prediction_type"] in kinds

@@ -249,3 +249,22 @@ def test_forge_says_when_its_clip_skip_is_not_applied(tmp_path, capsys):
             capsys.readouterr()
             host.encode_fn(bundle)
             assert ("clip skip 3 is not applied to SDXL" in capsys.readouterr().out) is said
+
+
+def test_forge_with_a_lossy_unet_storage_reads_the_checkpoint(tmp_path, monkeypatch):
+    """fp8/nf4/gguf storage (Forge's `--unet-in-fp8-*` or its UI setting) holds rounded weights:
+    the job reads the checkpoint instead, and says why."""
+    from trainer.hosts.webui import WebUIHost
+
+    src = tiny_bundle("sd1")
+    with fake_webui("forge") as w:
+        w.shared.sd_model = model = forge_model(src, tmp_path / "m.safetensors")
+        w.shared.opts.sd_model_checkpoint = model.sd_checkpoint_info.title
+        unet = model.forge_objects.unet.model.diffusion_model
+        unet.storage_dtype = torch.float32  # what Forge sets on its U-Net; exact: reused
+        assert WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU).extra[
+            "reused_from_host"]
+        unet.storage_dtype = torch.float8_e4m3fn
+        bundle = WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        assert "reused_from_host" not in bundle.extra and "float8_e4m3fn" in bundle.extra["trains_on"]
+        assert_same_model(src, bundle)

@@ -175,6 +175,7 @@ def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
         parts = [module_tree(_as_recorded(part, fam[name]["keys"]))
                  for name, part in (("unet", unet), ("vae", vae), ("clip", _forge_clip(bundle)))]
         _add_aliases(parts[2], fam["clip"]["aliases"])
+    parts[0].storage_dtype = getattr(torch, fam["unet_storage_dtype"])  # Forge's U-Net says how it is stored
     kmodel = nn.Module()
     kmodel.diffusion_model = parts[0]
     kmodel.predictor = SimpleNamespace(prediction_type="v_prediction" if bundle.v_pred else "epsilon")

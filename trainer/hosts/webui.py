@@ -142,12 +142,14 @@ class WebUIHost:
     def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:
         from ..models import load_model, load_vae_file
 
-        if not self.is_loaded(cfg.model):
+        lossy = self._forge_lossy_storage() if self.is_loaded(cfg.model) else None
+        if lossy or not self.is_loaded(cfg.model):
             path = self.checkpoint_path(cfg.model)
             vae = self._vae_path(cfg.vae) if cfg.vae else None
             bundle = load_model(path, vae=vae, v_pred=True if cfg.model_v_pred else None, dtype=dtype,
                                 device=torch.device("cpu"))
-            bundle.extra["trains_on"] = f"training on {path.name}, read from its file (the WebUI keeps its own model)"
+            why = f"Forge holds its U-Net as {lossy}, not the checkpoint's weights" if lossy else "the WebUI keeps its own model"
+            bundle.extra["trains_on"] = f"training on {path.name}, read from its file ({why})"
             console(bundle.extra["trains_on"])
             return bundle
         bundle = self._from_memory(cfg, dtype)
@@ -155,6 +157,11 @@ class WebUIHost:
             bundle.vae = load_vae_file(self._vae_path(cfg.vae), scaling_factor=bundle.vae_scale,
                                        dtype=next(bundle.vae.parameters()).dtype)
         return bundle
+
+    def _forge_lossy_storage(self) -> str | None:
+        from modules import shared
+
+        return weights.forge_lossy_storage(shared.sd_model) if self.kind == "forge" else None
 
     def _from_memory(self, cfg: TrainConfig, dtype: torch.dtype) -> ModelBundle:
         from modules import shared

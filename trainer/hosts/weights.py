@@ -136,6 +136,16 @@ def forge_parts(sd_model: Any, dtype: torch.dtype = torch.float32) -> tuple[dict
     return unet, vae, clip, restored
 
 
+EXACT_STORAGE = {torch.float16, torch.bfloat16, torch.float32}
+
+
+def forge_lossy_storage(sd_model: Any) -> str | None:
+    """Forge's U-Net storage when it is lossy (fp8, nf4, fp4, gguf: `--unet-in-fp8-*` or the UI's
+    storage setting), else None: such weights are not the checkpoint's, so a job reads the file."""
+    stored = getattr(sd_model.forge_objects.unet.model.diffusion_model, "storage_dtype", None)
+    return None if stored is None or stored in EXACT_STORAGE else str(stored).replace("torch.", "")
+
+
 def family_of(sd_model: Any) -> str:
     if getattr(sd_model, "is_sdxl", False):
         return "sdxl"
