@@ -83,16 +83,17 @@ def test_forge_leaves_out_the_lora_its_last_generation_merged(tmp_path, logs):
 
 def run_job(host, tmp_path, **over):
     data = make_images(tmp_path / "data")
-    seen = []
+    seen, messages = [], []
 
     def look(p):
         from modules import call_queue, shared
 
+        messages.append(p.message)
         if p.phase == "training":
             seen.append((call_queue.queue_lock.locked(), shared.state.job, shared.state.sampling_step))
 
     result = Trainer(quick_config(data, model="", **over), host, device="cpu", listeners=[look]).run()
-    return result, seen
+    return result, seen, messages
 
 
 def test_a_job_holds_the_lock_shows_progress_and_leaves_the_weights_alone(kind, tmp_path, monkeypatch):
@@ -104,13 +105,16 @@ def test_a_job_holds_the_lock_shows_progress_and_leaves_the_weights_alone(kind, 
         w.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
         before = weights_digest(host_tensors(model))
         no_file_reads(monkeypatch)
-        result, seen = run_job(WebUIHost(), tmp_path, train_iterations=3)
+        result, seen, messages = run_job(WebUIHost(), tmp_path, train_iterations=3)
         assert result.status == "done" and result.output == tmp_path / "Lora" / "tiny.safetensors"
         assert seen and all(locked and job == "traindeck" for locked, job, _ in seen)
         assert list(dict.fromkeys(s for *_, s in seen if s)) == [1, 2, 3]  # the host sees each step
         assert not w.call_queue.queue_lock.locked() and w.shared.state.ended == 1 and w.devices.gc_calls
         assert w.networks.refreshed  # the host's Lora list was refreshed after the save
         assert weights_digest(host_tensors(model)) == before
+        # the tab's status line while loading, and the job's final message, say which model and from where
+        said = "training on the WebUI's loaded model m.safetensors [0123456789] (reused from memory, no file read)"
+        assert said in messages and result.message.endswith(said)
 
 
 def test_a_failing_job_releases_everything(tmp_path, logs):
