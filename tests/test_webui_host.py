@@ -272,3 +272,14 @@ def test_forge_with_a_lossy_unet_storage_reads_the_checkpoint(tmp_path, monkeypa
         bundle = WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
         assert "reused_from_host" not in bundle.extra and "float8_e4m3fn" in bundle.extra["trains_on"]
         assert_same_model(src, bundle)
+
+
+def test_forge_holding_an_sdxl_refiner_is_refused_with_a_message(tmp_path):
+    """Forge's SDXL refiner has only clip_g; the trainer's SDXL needs both text encoders."""
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui("forge") as w:
+        w.shared.sd_model = model = forge_model(tiny_bundle("sdxl"), tmp_path / "m.safetensors")
+        del model.forge_objects.clip.cond_stage_model.clip_l
+        with pytest.raises(ConfigError, match="SDXL refiner"):
+            WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)

@@ -155,8 +155,11 @@ def family_of(sd_model: Any) -> str:
 def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_config: Any = None,
                  dtype: torch.dtype = torch.float32) -> ModelBundle:
     """A Forge model as a bundle: ldm names for the U-Net/VAE/CLIP-L, transformers' for CLIP-H/G."""
-    unet, vae, clip, restored = forge_parts(sd_model, dtype)
     family = family_of(sd_model)
+    if family == "sdxl" and not hasattr(sd_model.forge_objects.clip.cond_stage_model, "clip_l"):
+        raise ConfigError("model", name, "is an SDXL refiner (OpenCLIP-G only, no CLIP-L); Traindeck trains "
+                                         "SDXL base models: load one in the WebUI or name one in the job")
+    unet, vae, clip, restored = forge_parts(sd_model, dtype)
     sd = {**_prefixed(unet, "model.diffusion_model."), **_prefixed(vae, "first_stage_model.")}
     tes = None
     if family == "sd1":
