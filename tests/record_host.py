@@ -45,6 +45,13 @@ def describe(module, path: str) -> dict:
             "inference": all(t.is_inference() for t in tensors) if tensors else None}  # None: built on meta
 
 
+def resolve(obj, path: str):
+    """obj.a.b.c for path "a.b.c"."""
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def forge_lora(sd_model) -> dict:
     """Merge a zero patch through Forge's patcher, see where the backup lands, take it out again."""
     import torch
@@ -60,7 +67,7 @@ def forge_lora(sd_model) -> dict:
         clone.refresh_loras()
         loader = clone.model.lora_loader
         holder = "forge_objects.unet.model" if part == "unet" else "forge_objects.clip.cond_stage_model"
-        assert clone.model is eval(f"sd_model.{holder}")  # noqa: S307 (our own attribute path)
+        assert clone.model is resolve(sd_model, holder)
         out[part] = {"holder": holder, "loader": f"{holder}.lora_loader", "backup_attr": "backup",
                      "backup_keys": [pattern(k) for k in loader.backup], "replaced": dict(clone.model.named_parameters())[key] is not weight,
                      "loaded_hash_after_merge": loader.loaded_hash != str([])}

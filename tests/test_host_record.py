@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from tests.record_host import describe
+from tests.record_host import describe, resolve
 from tests.tiny import tiny_bundle
 from tests.webuikit import a1111_model, fake_webui, forge_model, host_record
 
@@ -67,7 +67,7 @@ def test_forge_lora_backups_live_where_the_adapter_reads_them(tmp_path):
     assert set(lora["clip"]["backup_keys"]) <= clip_keys
     for part in lora.values():
         assert part["replaced"] and part["loaded_hash_after_merge"] and part["backup_after_plain_refresh"] == 0
-        assert hasattr(eval(f"model.{part['loader']}"), "backup")  # noqa: S307 (a recorded attribute path)
+        assert hasattr(resolve(model, part["loader"]), "backup")
 
 
 def test_the_a1111_stand_in_matches_the_record(tmp_path):

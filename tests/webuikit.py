@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tests.ldm_export import _hf_clip, export_ldm, write_single_file
-from tests.record_host import pattern
+from tests.record_host import pattern, resolve
 
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "fixtures" / "host_record.json"
@@ -185,15 +185,9 @@ def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
     model = SimpleNamespace(forge_objects=objects, sd_checkpoint_info=_info(checkpoint),
                             **{flag: bundle.family == flag[3:] for flag in ("is_sd1", "is_sd2", "is_sdxl")})
     for where in rec["sd1"]["lora"].values():
-        holder = _resolve(model, where["holder"])
+        holder = resolve(model, where["holder"])
         holder.lora_loader = SimpleNamespace(backup={}, loaded_hash=str([]))
     return model
-
-
-def _resolve(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _info(checkpoint: Path) -> SimpleNamespace:
