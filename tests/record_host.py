@@ -159,6 +159,12 @@ def record_a1111(ckpt: str) -> dict:
                     "flags": {f: bool(getattr(model, f, False)) for f in ("is_sd1", "is_sd2", "is_sdxl")}}}
 
 
+def dumps(data: dict) -> str:
+    """Indented JSON with each [dtype, rank] pair on its key's line (one line per key pattern)."""
+    text = json.dumps(data, indent=1, sort_keys=True)
+    return re.sub(r'\[\n\s+("[^"\n]*"),\n\s+(\d+)\n\s+\]', r"[\1, \2]", text) + "\n"
+
+
 def main() -> int:
     host, args = sys.argv[1], sys.argv[2:]
     sys.path[0] = os.getcwd()  # the WebUI's folder, not tests/
@@ -169,7 +175,7 @@ def main() -> int:
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(FIXTURE.read_text()) if FIXTURE.is_file() else {}
     data[host] = record
-    FIXTURE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    FIXTURE.write_text(dumps(data))
     print(f"recorded {host} into {FIXTURE}")
     return 0
 
