@@ -2,6 +2,8 @@
 reused from memory, its weights untouched, the host's lock and progress, LoRA unmerging."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from trainer.textenc import encode_prompts
 from tests.enginekit import make_images, quick_config
 from tests.ldm_export import assert_same_model
 from tests.tiny import tiny_bundle
-from tests.webuikit import a1111_model, fake_webui, forge_model, host_tensors
+from tests.webuikit import a1111_model, fake_webui, forge_model, fp16_exact, host_tensors
 
 CPU = torch.device("cpu")
 
@@ -34,7 +36,7 @@ def no_file_reads(monkeypatch):
 def test_the_loaded_model_is_reused_from_memory(kind, family, tmp_path, monkeypatch):
     from trainer.hosts.webui import WebUIHost
 
-    src = tiny_bundle(family)
+    src = fp16_exact(tiny_bundle(family))  # Forge holds fp16 copies: the same values
     with fake_webui(kind) as w:
         make = forge_model if kind == "forge" else a1111_model
         w.shared.sd_model = model = make(src, tmp_path / f"{family}.safetensors")
@@ -49,22 +51,49 @@ def test_the_loaded_model_is_reused_from_memory(kind, family, tmp_path, monkeypa
         shared = sum(p in host_ptrs for p in unet_ptrs) / len(unet_ptrs)
         if kind == "a1111":
             assert shared > 0.9  # renamed, not copied (only reshaped tensors are new)
-        else:
-            assert shared == 0 and not any(p.is_inference() for p in bundle.unet.parameters())
+        else:  # owned copies, all in the dtype asked for (Forge mixes fp16 and fp32), no alias left
+            tensors = [t for m in bundle.modules() for t in m.parameters()]
+            assert shared == 0 and not any(t.is_inference() or t.dtype != torch.float32 for t in tensors)
+        assert "reused from memory, no file read" in bundle.extra["trains_on"]
+
+
+def test_forge_leaves_out_the_lora_its_last_generation_merged(tmp_path, logs):
+    """Forge's LoraLoader replaces merged Parameters and keeps the originals in `lora_loader.backup`
+    until a generation without LoRAs: the job reads the originals and changes nothing in the host."""
+    from trainer.hosts.webui import WebUIHost
+
+    src = fp16_exact(tiny_bundle("sd1"))
+    with fake_webui("forge") as w:
+        w.shared.sd_model = model = forge_model(src, tmp_path / "m.safetensors")
+        kmodel, clip = model.forge_objects.unet.model, model.forge_objects.clip.cond_stage_model
+        merged = ((kmodel, "diffusion_model.input_blocks.1.1.proj_in.weight"),
+                  (clip, "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"))
+        for holder, key in merged:
+            path, leaf = key.rsplit(".", 1)
+            owner = holder.get_submodule(path)
+            holder.lora_loader = SimpleNamespace(backup={key: getattr(owner, leaf)}, loaded_hash="[('x',)]")
+            with torch.inference_mode():
+                setattr(owner, leaf, torch.nn.Parameter(getattr(owner, leaf) + 0.5, requires_grad=False))
+        before = weights_digest(host_tensors(model))
+        bundle = WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        assert_same_model(src, bundle)
+        assert bundle.extra["loras_taken_out"] == 2 and "2 weights of a merged LoRA left out" in bundle.extra["trains_on"]
+        assert weights_digest(host_tensors(model)) == before  # the host keeps its merge and its backups
 
 
 def run_job(host, tmp_path, **over):
     data = make_images(tmp_path / "data")
-    seen = []
+    seen, messages = [], []
 
     def look(p):
         from modules import call_queue, shared
 
+        messages.append(p.message)
         if p.phase == "training":
             seen.append((call_queue.queue_lock.locked(), shared.state.job, shared.state.sampling_step))
 
     result = Trainer(quick_config(data, model="", **over), host, device="cpu", listeners=[look]).run()
-    return result, seen
+    return result, seen, messages
 
 
 def test_a_job_holds_the_lock_shows_progress_and_leaves_the_weights_alone(kind, tmp_path, monkeypatch):
@@ -76,13 +105,16 @@ def test_a_job_holds_the_lock_shows_progress_and_leaves_the_weights_alone(kind, 
         w.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
         before = weights_digest(host_tensors(model))
         no_file_reads(monkeypatch)
-        result, seen = run_job(WebUIHost(), tmp_path, train_iterations=3)
+        result, seen, messages = run_job(WebUIHost(), tmp_path, train_iterations=3)
         assert result.status == "done" and result.output == tmp_path / "Lora" / "tiny.safetensors"
         assert seen and all(locked and job == "traindeck" for locked, job, _ in seen)
         assert list(dict.fromkeys(s for *_, s in seen if s)) == [1, 2, 3]  # the host sees each step
         assert not w.call_queue.queue_lock.locked() and w.shared.state.ended == 1 and w.devices.gc_calls
         assert w.networks.refreshed  # the host's Lora list was refreshed after the save
         assert weights_digest(host_tensors(model)) == before
+        # the tab's status line while loading, and the job's final message, say which model and from where
+        said = "training on the WebUI's loaded model m.safetensors [0123456789] (reused from memory, no file read)"
+        assert said in messages and result.message.endswith(said)
 
 
 def test_a_failing_job_releases_everything(tmp_path, logs):
@@ -106,7 +138,9 @@ def test_a_merged_lora_is_taken_out_first(tmp_path, logs):
         target = model.model.diffusion_model.input_blocks.get_submodule("1.1.proj_in")
         pristine = target.weight.detach().clone()
         target.network_weights_backup = pristine.clone()
+        target.network_bias_backup = target.bias.detach().clone()  # A1111 backs up both
         target.network_current_names = ("somelora",)
+        assert target.weight.requires_grad  # A1111 leaves it on, and its restore is a plain copy_
         with torch.no_grad():
             target.weight.add_(0.5)  # merged in place, as the built-in Lora extension leaves it
         w.networks.loaded_networks.append("somelora")
@@ -204,3 +238,48 @@ def test_versions_outside_the_tested_ones_are_reported(tmp_path):
     with fake_webui("forge"):
         assert host_kind()[0] == "forge"
 
+
+
+def test_forge_says_when_its_clip_skip_is_not_applied(tmp_path, capsys):
+    """Forge applies clip skip to SD2 (past 1) and SDXL (past 2); training keeps A1111's layers there."""
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui("forge") as w:
+        w.shared.sd_model = forge_model(tiny_bundle("sdxl"), tmp_path / "m.safetensors")
+        host = WebUIHost()
+        bundle = host.load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        for skip, said in ((2, False), (3, True)):
+            w.shared.opts.CLIP_stop_at_last_layers = skip
+            capsys.readouterr()
+            host.encode_fn(bundle)
+            assert ("clip skip 3 is not applied to SDXL" in capsys.readouterr().out) is said
+
+
+def test_forge_with_a_lossy_unet_storage_reads_the_checkpoint(tmp_path, monkeypatch):
+    """fp8/nf4/gguf storage (Forge's `--unet-in-fp8-*` or its UI setting) holds rounded weights:
+    the job reads the checkpoint instead, and says why."""
+    from trainer.hosts.webui import WebUIHost
+
+    src = tiny_bundle("sd1")
+    with fake_webui("forge") as w:
+        w.shared.sd_model = model = forge_model(src, tmp_path / "m.safetensors")
+        w.shared.opts.sd_model_checkpoint = model.sd_checkpoint_info.title
+        unet = model.forge_objects.unet.model.diffusion_model
+        unet.storage_dtype = torch.float32  # what Forge sets on its U-Net; exact: reused
+        assert WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU).extra[
+            "reused_from_host"]
+        unet.storage_dtype = torch.float8_e4m3fn
+        bundle = WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+        assert "reused_from_host" not in bundle.extra and "float8_e4m3fn" in bundle.extra["trains_on"]
+        assert_same_model(src, bundle)
+
+
+def test_forge_holding_an_sdxl_refiner_is_refused_with_a_message(tmp_path):
+    """Forge's SDXL refiner has only clip_g; the trainer's SDXL needs both text encoders."""
+    from trainer.hosts.webui import WebUIHost
+
+    with fake_webui("forge") as w:
+        w.shared.sd_model = model = forge_model(tiny_bundle("sdxl"), tmp_path / "m.safetensors")
+        del model.forge_objects.clip.cond_stage_model.clip_l
+        with pytest.raises(ConfigError, match="SDXL refiner"):
+            WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)

@@ -119,6 +119,9 @@ class Trainer:
                     started: float, result: RunResult) -> None:
         model_dtype = devices.compute_dtype(self.cfg.train_model_precision, self.device)
         bundle = self.host.load_bundle(self.cfg, dtype=model_dtype, device=self.device)
+        trains_on = bundle.extra.get("trains_on", "")  # a host says which model and from where
+        if trains_on:
+            self.emit(message=trains_on)
         loaded = next(bundle.unet.parameters()).dtype
         if loaded != model_dtype:  # a WebUI's model is used in its own precision rather than copied
             log.info("the model is held in %s; training runs in that precision", loaded)
@@ -135,6 +138,7 @@ class Trainer:
                     frozen.append(out)
                 if runner.final_message:
                     result.message = runner.final_message
+            result.message = "; ".join(m for m in (result.message, trains_on) if m)
         finally:
             for network in reversed(frozen):
                 network.remove()

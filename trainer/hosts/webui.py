@@ -8,6 +8,9 @@ runs it holds the host's generation lock and shows the job in the host's progres
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import importlib
 import logging
 from contextlib import contextmanager
@@ -23,6 +26,30 @@ from ..params import ConfigError
 from . import weights
 
 log = logging.getLogger(__name__)
+
+
+def console(message: str) -> None:
+    """One line in the WebUI's console. Both hosts show extension loggers' INFO lines only
+    under --loglevel INFO, and which model a job trains on must show by default."""
+    if log.isEnabledFor(logging.INFO):
+        log.info(message)
+    else:
+        print(f"Traindeck: {message}", flush=True)
+
+
+def release_memory(devices: Any) -> None:
+    """Give a job's copies back: collect cycles, the host's cache cleanup, and glibc's free heap.
+
+    glibc serves the many mid-sized tensors of a model copy from its heap, not from mmap,
+    and keeps freed heap pages in the process unless asked to return them (malloc_trim);
+    without it the WebUI's resident size grows by a model copy per job.
+    """
+    gc.collect()
+    getattr(devices, "torch_gc", lambda: None)()
+    libc_name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
+    if trim is not None:  # glibc only; other C libraries return freed memory by themselves
+        trim(0)
 
 
 def _module(name: str) -> Any | None:
@@ -115,19 +142,28 @@ class WebUIHost:
     def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:
         from ..models import load_model, load_vae_file
 
-        if not self.is_loaded(cfg.model):
+        lossy = self._forge_lossy_storage() if self.is_loaded(cfg.model) else None
+        if lossy or not self.is_loaded(cfg.model):
             path = self.checkpoint_path(cfg.model)
             vae = self._vae_path(cfg.vae) if cfg.vae else None
-            log.info("training on %s, loaded from its file (the WebUI keeps its own model)", path)
-            return load_model(path, vae=vae, v_pred=True if cfg.model_v_pred else None, dtype=dtype,
-                              device=torch.device("cpu"))
-        bundle = self._from_memory(cfg)
+            bundle = load_model(path, vae=vae, v_pred=True if cfg.model_v_pred else None, dtype=dtype,
+                                device=torch.device("cpu"))
+            why = f"Forge holds its U-Net as {lossy}, not the checkpoint's weights" if lossy else "the WebUI keeps its own model"
+            bundle.extra["trains_on"] = f"training on {path.name}, read from its file ({why})"
+            console(bundle.extra["trains_on"])
+            return bundle
+        bundle = self._from_memory(cfg, dtype)
         if cfg.vae:
             bundle.vae = load_vae_file(self._vae_path(cfg.vae), scaling_factor=bundle.vae_scale,
                                        dtype=next(bundle.vae.parameters()).dtype)
         return bundle
 
-    def _from_memory(self, cfg: TrainConfig) -> ModelBundle:
+    def _forge_lossy_storage(self) -> str | None:
+        from modules import shared
+
+        return weights.forge_lossy_storage(shared.sd_model) if self.kind == "forge" else None
+
+    def _from_memory(self, cfg: TrainConfig, dtype: torch.dtype) -> ModelBundle:
         from modules import shared
 
         from ..checkpoint import sibling_yaml
@@ -141,14 +177,18 @@ class WebUIHost:
         if self.kind == "forge":
             predictor = model.forge_objects.unet.model.predictor
             v_pred = forced or getattr(predictor, "prediction_type", "") == "v_prediction" or None
-            bundle = weights.forge_bundle(model, name=info.name, v_pred=v_pred, original_config=config)
+            bundle = weights.forge_bundle(model, name=info.name, v_pred=v_pred, original_config=config, dtype=dtype)
         else:
-            weights.unmerge_loras(model, _module("networks"))
+            bundle_loras = weights.unmerge_loras(model, _module("networks"))
             v_pred = forced or getattr(model, "parameterization", "eps") == "v" or None
             bundle = weights.load_from_state_dict(weights.a1111_state_dict(model), name=info.name, v_pred=v_pred,
                                                   original_config=config)
+            bundle.extra["loras_taken_out"] = bundle_loras
         bundle.extra["reused_from_host"] = True
-        log.info("training on the WebUI's loaded model %s (no file read)", info.title)
+        taken = bundle.extra["loras_taken_out"]
+        note = f"; {taken} weights of a merged LoRA left out" if taken else ""
+        bundle.extra["trains_on"] = f"training on the WebUI's loaded model {info.title} (reused from memory, no file read{note})"
+        console(bundle.extra["trains_on"])
         return bundle
 
     def encode_fn(self, bundle: ModelBundle) -> Callable[[list[str]], object]:
@@ -160,6 +200,11 @@ class WebUIHost:
         skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
         if self.kind == "a1111" and bundle.family != "sd1":
             skip = 1  # A1111 applies clip skip to SD1 only (SD2 is fixed, SDXL has its own)
+        elif self.kind == "forge" and skip > {"sd1": 99, "sd2": 1, "sdxl": 2}[bundle.family]:
+            # Forge takes hidden_states[-max(n, 1)] for SD2 and [-max(n, 2)] for SDXL; training keeps
+            # A1111's fixed layers for those families, so say where the two part.
+            console(f"Forge's clip skip {skip} is not applied to {bundle.family.upper()} training prompts "
+                    "(they use A1111's layers: SD2 the penultimate, SDXL the penultimate of both encoders)")
         return lambda prompts: encode_prompts(bundle, prompts, clip_skip=skip)
 
     # ---- running alongside the host -----------------------------------------------------
@@ -174,7 +219,7 @@ class WebUIHost:
                 yield
             finally:
                 shared.state.end()
-                getattr(devices, "torch_gc", lambda: None)()
+                release_memory(devices)
 
     def progress(self, p: Progress) -> None:
         from modules import shared

@@ -59,9 +59,10 @@ def unmerge_loras(sd_model: Any, networks: Any | None) -> int:
         raise ConfigError("model", getattr(getattr(sd_model, "sd_checkpoint_info", None), "title", "loaded model"),
                           "a LoRA is merged into the loaded model's weights and cannot be taken out here; "
                           "generate once without LoRAs (or reload the checkpoint), then start again")
-    for module in merged:
-        networks.network_restore_weights_from_backup(module)
-        module.network_current_names = ()
+    with torch.no_grad():  # the host's restore is a plain copy_ into Parameters that may require grad
+        for module in merged:
+            networks.network_restore_weights_from_backup(module)
+            module.network_current_names = ()
     if hasattr(networks, "loaded_networks"):
         networks.loaded_networks.clear()
     log.info("took %d merged LoRA weights out of the loaded model before training", len(merged))
@@ -76,19 +77,73 @@ def _renamed(sd: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch
     return {new + k[len(old):]: v for k, v in sd.items() if k.startswith(old)}
 
 
-def _cloned(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inference tensors cannot be saved for backward: clone those (outside inference mode)."""
+def _owned(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Copies of the host's tensors in one dtype, made outside inference mode.
+
+    Forge's tensors are inference tensors (they cannot be saved for backward) and come in
+    mixed dtypes: fp16 text encoders whose token and position embeddings its engine casts
+    to fp32. Copying in one dtype fixes both; values from an fp16 file are exact in fp32.
+    """
     with torch.inference_mode(False):
-        return {k: v.clone() if v.is_inference() else v for k, v in sd.items()}
+        return {k: v.to(dtype=dtype, copy=True) if v.is_floating_point() else v.clone() for k, v in sd.items()}
 
 
-def forge_parts(sd_model: Any) -> tuple[dict, dict, dict]:
-    """(U-Net, VAE, text-encoder) state dicts of a Forge model, cloned where needed."""
+def without_aliases(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop `.wrapped.` aliases whose plain key is present (Forge's textual-inversion wrapper
+    keeps the token embedding both as `token_embedding.weight` and `token_embedding.wrapped.weight`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        plain = strip_wrapped(key)
+        if plain != key and plain in sd:
+            continue
+        out[plain] = value
+    return out
+
+
+def forge_lora_backups(holder: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The pristine tensors Forge's LoraLoader set aside when it merged a LoRA in place.
+
+    `holder` is the module a patcher wraps (the KModel, the joint text encoder); its
+    `lora_loader.backup` maps parameter paths to the originals and stays filled until the
+    next generation without LoRAs. Keys are returned without `prefix`.
+    """
+    backup = getattr(getattr(holder, "lora_loader", None), "backup", None) or {}
+    return {k[len(prefix):]: v for k, v in backup.items() if k.startswith(prefix)}
+
+
+def _pristine(module: Any, backups: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = module.state_dict()
+    unknown = sorted(set(backups) - set(sd))
+    if unknown:
+        raise ConfigError("model", "loaded model", f"Forge's LoRA backups name weights the model lacks: {unknown[:3]}")
+    return {**sd, **backups}
+
+
+def forge_parts(sd_model: Any, dtype: torch.dtype = torch.float32) -> tuple[dict, dict, dict, int]:
+    """(U-Net, VAE, text-encoder) state dicts of a Forge model as owned copies in `dtype`,
+    with any merged LoRA taken out (from Forge's own backups), and how many weights that restored."""
     objects = sd_model.forge_objects
-    unet = _cloned(objects.unet.model.diffusion_model.state_dict())
-    vae = _cloned(objects.vae.first_stage_model.state_dict())
-    clip = _cloned(objects.clip.cond_stage_model.state_dict())
-    return unet, vae, clip
+    kmodel, clip_model = objects.unet.model, objects.clip.cond_stage_model
+    unet_backups = forge_lora_backups(kmodel, "diffusion_model.")
+    clip_backups = forge_lora_backups(clip_model)
+    unet = _owned(_pristine(kmodel.diffusion_model, unet_backups), dtype)
+    vae = _owned(objects.vae.first_stage_model.state_dict(), dtype)
+    clip = _owned(without_aliases(_pristine(clip_model, clip_backups)), dtype)
+    restored = len(unet_backups) + len(clip_backups)
+    if restored:
+        log.info("read %d weights from Forge's LoRA backups: the LoRA merged by the last generation is left out",
+                 restored)
+    return unet, vae, clip, restored
+
+
+EXACT_STORAGE = {torch.float16, torch.bfloat16, torch.float32}
+
+
+def forge_lossy_storage(sd_model: Any) -> str | None:
+    """Forge's U-Net storage when it is lossy (fp8, nf4, fp4, gguf: `--unet-in-fp8-*` or the UI's
+    storage setting), else None: such weights are not the checkpoint's, so a job reads the file."""
+    stored = getattr(sd_model.forge_objects.unet.model.diffusion_model, "storage_dtype", None)
+    return None if stored is None or stored in EXACT_STORAGE else str(stored).replace("torch.", "")
 
 
 def family_of(sd_model: Any) -> str:
@@ -97,10 +152,14 @@ def family_of(sd_model: Any) -> str:
     return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
 
 
-def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_config: Any = None) -> ModelBundle:
+def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_config: Any = None,
+                 dtype: torch.dtype = torch.float32) -> ModelBundle:
     """A Forge model as a bundle: ldm names for the U-Net/VAE/CLIP-L, transformers' for CLIP-H/G."""
-    unet, vae, clip = forge_parts(sd_model)
     family = family_of(sd_model)
+    if family == "sdxl" and not hasattr(sd_model.forge_objects.clip.cond_stage_model, "clip_l"):
+        raise ConfigError("model", name, "is an SDXL refiner (OpenCLIP-G only, no CLIP-L); Traindeck trains "
+                                         "SDXL base models: load one in the WebUI or name one in the job")
+    unet, vae, clip, restored = forge_parts(sd_model, dtype)
     sd = {**_prefixed(unet, "model.diffusion_model."), **_prefixed(vae, "first_stage_model.")}
     tes = None
     if family == "sd1":
@@ -113,8 +172,10 @@ def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_conf
 
         tes = [clip_l_from_ldm(sd, SDXL_CLIP_L, name=name),
                hf_clip_from_state_dict(clip, "clip_g.transformer.", name=name, projection=True)]
-    return load_from_state_dict(sd, name=name, v_pred=v_pred, family=family, text_encoders=tes,
-                                original_config=original_config)
+    bundle = load_from_state_dict(sd, name=name, v_pred=v_pred, family=family, text_encoders=tes,
+                                  original_config=original_config)
+    bundle.extra["loras_taken_out"] = restored
+    return bundle
 
 
 def weights_digest(tensors: Iterable[torch.Tensor]) -> str:
@@ -123,5 +184,5 @@ def weights_digest(tensors: Iterable[torch.Tensor]) -> str:
 
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
