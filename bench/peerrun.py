@@ -37,7 +37,10 @@ ATTENTION_ONLY = {"to_q", "to_k", "to_v", "to_out.0"}  # the diffusers example's
 class StepMarks:
     """Optimizer-step marks of the first optimizer that steps (a wrapper stepping it is not counted twice)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile: tuple[int, int] | None = None) -> None:
+        self.profile = profile  # (first, last): torch.profiler runs from the end of step first to that of last
+        self.prof = None
+        self.ops: dict[str, list[float]] = {}
         self.opt_id: int | None = None
         self.marks: list[tuple[float, float, float]] = []  # (epoch, perf_counter, process_time)
         self.trainable: int | None = None
@@ -55,6 +58,24 @@ class StepMarks:
             self.optimizer = type(opt).__name__
         if id(opt) == self.opt_id:
             self.marks.append((time.time(), time.perf_counter(), time.process_time()))
+            self._window(len(self.marks))
+
+    def _window(self, step: int) -> None:
+        if self.profile is None:
+            return
+        first, last = self.profile
+        if step == first:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+            self.prof.start()
+        elif step == last and self.prof is not None:
+            self.prof.stop()
+            n = last - first
+            # {op: [calls per step, self CPU ms per step]}
+            self.ops = {e.key: [e.count / n, e.self_cpu_time_total / 1000.0 / n]
+                        for e in self.prof.key_averages() if e.self_cpu_time_total > 0}
+            self.prof = None
 
 
 def peak_rss_bytes() -> int:
@@ -112,6 +133,7 @@ def main() -> None:
     p.add_argument("--sys-path", action="append", default=[])
     p.add_argument("--unet-channels")
     p.add_argument("--peft-targets")
+    p.add_argument("--profile", help="FIRST,LAST: profile the optimizer steps after FIRST up to LAST")
     p.add_argument("--torchvision-stub", action="store_true", help="a transforms-only stand-in is on the path")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--script")
@@ -120,14 +142,16 @@ def main() -> None:
     args = p.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     sys.path[:0] = args.sys_path
-    marks = StepMarks()
+    window = tuple(int(x) for x in args.profile.split(",")) if args.profile else None
+    marks = StepMarks(window)
     register_optimizer_step_post_hook(marks)
 
     def dump() -> None:
         peak = peak_rss_bytes()
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump({"marks": marks.marks, "trainable": marks.trainable, "optimizer": marks.optimizer,
-                       "peak_rss_bytes": peak, "threads": torch.get_num_threads()}, fh)
+                       "peak_rss_bytes": peak, "threads": torch.get_num_threads(),
+                       "ops": marks.ops}, fh)
 
     atexit.register(dump)
     if args.torchvision_stub:

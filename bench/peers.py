@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import LEARNING_RATE, PIXELS, RANK, SEED, bench_config, load_average  # noqa: E402
 from bench.peerkit import UNET_CHANNELS, write_data, write_model, write_tokenizer_cache, write_torchvision_stub  # noqa: E402
-from bench.peerstats import summarize  # noqa: E402
+from bench.peerstats import op_diff, summarize  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parent / "peerrun.py"
 EXAMPLE = Path("examples/text_to_image/train_text_to_image_lora.py")
@@ -110,6 +110,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=16)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the rounds, run each program once more with torch.profiler over N steady steps")
     p.add_argument("--work", help="keep the model, data and logs here (default: a temporary folder)")
     args = p.parse_args()
     for name in ("kohya", "diffusers"):
@@ -153,6 +155,11 @@ def main() -> None:
                 runs[name].append(run_one(name, cmd, penv, work, f"{name}-r{r + 1}"))
                 print(f"round {r + 1} {name}: done", file=sys.stderr, flush=True)
         result = summarize(runs, args.warmup)
+        if args.profile:
+            window = ["--profile", f"{args.warmup},{min(args.steps, args.warmup + args.profile)}"]
+            ops = {name: run_one(name, cmd[:2] + window + cmd[2:], penv, work, f"{name}-profile")["ops"]
+                   for name, (cmd, penv) in programs.items()}
+            result["profile_ms_per_step"] = op_diff(ops)
         result.update(model=sizes, images=args.images, pixels=PIXELS, steps=args.steps, warmup=args.warmup,
                       rounds=args.rounds, threads=args.threads, torchvision_stub=bool(len(names) > 1),
                       cpu_count=os.cpu_count())

@@ -57,3 +57,18 @@ def ratios(figs: dict[str, dict]) -> dict:
 def summarize(runs: dict[str, list[dict]], warmup: int) -> dict:
     figs = {name: program_figures([round_figures(r, warmup) for r in rs]) for name, rs in runs.items()}
     return {"programs": figs, "project_over": ratios(figs)}
+
+
+def op_diff(ops: dict[str, dict[str, list[float]]], top: int = 30) -> dict:
+    """Self CPU ms per step by op for each program, totals, and the ops where the project spends
+    the most more (or less) than each peer: {"total": .., "by_op": [[op, project, peer..]], "calls": ..}."""
+    names = list(ops)
+    totals = {n: round(sum(v[1] for v in ops[n].values()), 1) for n in names}
+    every = set().union(*(ops[n] for n in names))
+    ms = lambda n, op: ops[n].get(op, [0.0, 0.0])[1]  # noqa: E731
+    calls = lambda n, op: ops[n].get(op, [0.0, 0.0])[0]  # noqa: E731
+    spread = lambda op: max(abs(ms("project", op) - ms(n, op)) for n in names if n != "project") if len(names) > 1 else ms("project", op)  # noqa: E731
+    rows = sorted(every, key=spread, reverse=True)[:top]
+    return {"programs": names, "total": totals,
+            "by_op": [[op, *(round(ms(n, op), 2) for n in names)] for op in rows],
+            "calls_per_step": [[op, *(round(calls(n, op), 1) for n in names)] for op in rows]}
