@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import LEARNING_RATE, PIXELS, RANK, SEED, bench_config, load_average  # noqa: E402
-from bench.peerkit import UNET_CHANNELS, write_data, write_model, write_tokenizer_cache, write_torchvision_stub  # noqa: E402
+from bench.peerkit import (UNET_CHANNELS, write_data, write_model, write_tokenizer_cache,  # noqa: E402
+                           write_torchvision_stub)
 from bench.peerstats import op_diff, summarize  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parent / "peerrun.py"
@@ -67,8 +67,9 @@ def kohya_cmd(py: str, checkout: Path, work: Path, model: Path, data: Path, step
 
 
 def diffusers_cmd(py: str, checkout: Path, work: Path, model: Path, data: Path, steps: int) -> list[str]:
-    return [py, str(RUNNER), "--out", "{out}", "--torchvision-stub", "--peft-targets", PEFT_TARGETS, "--script", str(checkout / EXAMPLE),
-            "--", "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+    return [py, str(RUNNER), "--out", "{out}", "--torchvision-stub", "--peft-targets", PEFT_TARGETS,
+            "--script", str(checkout / EXAMPLE), "--",
+            "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
             "--caption_column", "text", "--resolution", str(PIXELS), "--center_crop", "--train_batch_size", "1",
             "--max_train_steps", str(steps), "--learning_rate", str(LEARNING_RATE), "--lr_scheduler", "constant",
             "--lr_warmup_steps", "0", "--rank", str(RANK), "--mixed_precision", "no", "--seed", str(SEED),
@@ -84,14 +85,17 @@ def run_one(name: str, cmd: list[str], env: dict, work: Path, tag: str) -> dict:
     proc = subprocess.run(cmd, cwd=str(work), env=env, capture_output=True, text=True, check=False)
     (work / f"{tag}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr, encoding="utf-8")
     if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {work / (tag + '.log')}:\n{proc.stderr[-3000:]}")
+        log = work / f"{tag}.log"
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log}:\n{proc.stderr[-3000:]}")
     data = json.loads(out.read_text(encoding="utf-8"))
     data.update(spawned=spawned, load_before=load, load_after=load_average())
     return data
 
 
-def base_env(threads: int) -> dict:
+def base_env(threads: int, wait_policy: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_WAIT_POLICY")}
+    if wait_policy:  # the same for every program
+        env["OMP_WAIT_POLICY"] = wait_policy
     n = str(threads)
     env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", DIFFUSERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -110,6 +114,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=16)
+    p.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
+                   help="set for every program (default: unset, PyTorch's own); PASSIVE keeps CPU seconds honest "
+                        "on a machine shared with other work, where spinning threads wait for descheduled ones")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the rounds, run each program once more with torch.profiler over N steady steps")
     p.add_argument("--work", help="keep the model, data and logs here (default: a temporary folder)")
@@ -120,8 +127,8 @@ def parse_args() -> argparse.Namespace:
             p.error(f"--{name} needs --{name}-python (the Python of an environment where it runs)")
         if checkout and not Path(checkout).is_dir():
             p.error(f"--{name}: {checkout} is not a folder")
-    if args.rounds < 2:
-        p.error(f"--rounds must be 2 or more (interleaved rounds), not {args.rounds}")
+    if args.rounds < 2 and not (args.rounds == 0 and args.profile):
+        p.error(f"--rounds must be 2 or more (interleaved rounds), or 0 with --profile, not {args.rounds}")
     if args.steps <= args.warmup + 1:
         p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}) by 2 or more")
     return args
@@ -135,7 +142,7 @@ def main() -> None:
         model = work / "model"
         sizes = write_model(model)
         data = write_data(work / "data", args.images)
-        env = base_env(args.threads)
+        env = base_env(args.threads, args.omp_wait_policy)
         programs = {"project": (project_cmd(work, model, data["project"], args.steps), env)}
         if args.kohya:
             write_tokenizer_cache(model, work / "tokenizers")
@@ -154,15 +161,15 @@ def main() -> None:
                 cmd, penv = programs[name]
                 runs[name].append(run_one(name, cmd, penv, work, f"{name}-r{r + 1}"))
                 print(f"round {r + 1} {name}: done", file=sys.stderr, flush=True)
-        result = summarize(runs, args.warmup)
+        result = summarize(runs, args.warmup) if args.rounds else {}
         if args.profile:
             window = ["--profile", f"{args.warmup},{min(args.steps, args.warmup + args.profile)}"]
             ops = {name: run_one(name, cmd[:2] + window + cmd[2:], penv, work, f"{name}-profile")["ops"]
                    for name, (cmd, penv) in programs.items()}
             result["profile_ms_per_step"] = op_diff(ops)
         result.update(model=sizes, images=args.images, pixels=PIXELS, steps=args.steps, warmup=args.warmup,
-                      rounds=args.rounds, threads=args.threads, torchvision_stub=bool(len(names) > 1),
-                      cpu_count=os.cpu_count())
+                      rounds=args.rounds, threads=args.threads, omp_wait_policy=args.omp_wait_policy,
+                      torchvision_stub=len(names) > 1, cpu_count=os.cpu_count(), load_average_end=load_average())
         print(json.dumps(result))
 
 

@@ -8,10 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -65,6 +62,15 @@ def fake_run(trainable: int, rate: float, cpu: float, steps: int = 8, spawned: f
             "threads": 2, "spawned": spawned, "load_before": [1.0], "load_after": [1.0]}
 
 
+def test_one_stretched_step_moves_the_window_rate_but_not_the_median_step():
+    run = fake_run(100, rate=2.0, cpu=0.5, steps=10)
+    run["marks"] = [m if i < 6 else (m[0] + 4.5, m[1] + 4.5, m[2]) for i, m in enumerate(run["marks"])]
+    fig = peerstats.round_figures(run, warmup=1)
+    assert fig["median_step_s"] == pytest.approx(0.5)
+    assert fig["min_step_s"] == pytest.approx(0.5)
+    assert fig["steps_per_s"] == pytest.approx(8 / 8.5)
+
+
 def test_figures_from_marks_after_warmup():
     fig = peerstats.round_figures(fake_run(100, rate=2.0, cpu=0.75), warmup=2)
     assert fig["steps_per_s"] == pytest.approx(2.0)
@@ -86,6 +92,8 @@ def test_ratios_per_peer_and_refused_when_trainable_counts_differ():
     assert kohya["steps_per_s"] == pytest.approx(2.0)
     assert kohya["cpu_s_per_step"] == pytest.approx(0.5)
     assert kohya["steps_per_s_by_round"] == [pytest.approx(3.0), pytest.approx(1.0)]
+    assert kohya["median_step_by_round"] == [pytest.approx(3.0), pytest.approx(1.0)]
+    assert kohya["steps_per_s_from_median_step"] == pytest.approx(2.0)  # 1 s against the median of 1/3 and 1 s
     assert "steps_per_s" not in out["project_over"]["diffusers"]
     assert "trainable parameters differ: project 100, diffusers 99" in out["project_over"]["diffusers"]["refused"]
 
