@@ -68,7 +68,7 @@ def test_one_stretched_step_moves_the_window_rate_but_not_the_median_step():
     fig = peerstats.round_figures(run, warmup=1)
     assert fig["median_step_s"] == pytest.approx(0.5)
     assert fig["min_step_s"] == pytest.approx(0.5)
-    assert fig["steps_per_s"] == pytest.approx(8 / 8.5)
+    assert fig["steps_per_s"] == pytest.approx(8 / 8.5, abs=1e-4)
 
 
 def test_figures_from_marks_after_warmup():
@@ -93,7 +93,7 @@ def test_ratios_per_peer_and_refused_when_trainable_counts_differ():
     assert kohya["cpu_s_per_step"] == pytest.approx(0.5)
     assert kohya["steps_per_s_by_round"] == [pytest.approx(3.0), pytest.approx(1.0)]
     assert kohya["median_step_by_round"] == [pytest.approx(3.0), pytest.approx(1.0)]
-    assert kohya["steps_per_s_from_median_step"] == pytest.approx(2.0)  # 1 s against the median of 1/3 and 1 s
+    assert kohya["steps_per_s_from_median_step"] == pytest.approx(1.5)  # 1 s against the median of 1/3 and 1 s
     assert "steps_per_s" not in out["project_over"]["diffusers"]
     assert "trainable parameters differ: project 100, diffusers 99" in out["project_over"]["diffusers"]["refused"]
 
