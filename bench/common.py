@@ -51,25 +51,28 @@ VAES = {"scaled": ((26, 52, 104, 104), 2, 13), "small": ((32, 32, 32, 32), 1, 32
 HEADS = (2, 2, 4, 4)
 
 
-def sd1_unet(seed: int = SEED) -> UNet2DConditionModel:
-    """SD1's block layout (4 levels, 2 layers each) at 1/5 of its channels, heads of 32-64 channels: ~35M params."""
+def sd1_unet(seed: int = SEED, cross_dim: int = TEXT_DIM) -> UNet2DConditionModel:
+    """SD1's block layout (4 levels, 2 layers each) at 1/5 of its channels, heads of 32-64 channels: ~35M params
+    (37.5M with SD1's 768-wide cross-attention)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=PIXELS // 8, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(64, 128, 256, 256),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=HEADS, cross_attention_dim=TEXT_DIM, norm_num_groups=32,
+        attention_head_dim=HEADS, cross_attention_dim=cross_dim, norm_num_groups=32,
     )
 
 
-def bench_bundle(seed: int = SEED, vae: str = "scaled") -> ModelBundle:
-    """The benchmark's model: the U-Net above, a 2-layer CLIP, a 4-level VAE (see VAES); frozen, fp32."""
-    unet = sd1_unet(seed)
+def bench_bundle(seed: int = SEED, vae: str = "scaled", text_dim: int = TEXT_DIM,
+                 text_layers: int = 2) -> ModelBundle:
+    """The benchmark's model: the U-Net above, a CLIP of `text_layers` layers `text_dim` wide (2 x 256 unless
+    told), a 4-level VAE (see VAES); frozen, fp32."""
+    unet = sd1_unet(seed, cross_dim=text_dim)
     torch.manual_seed(seed + 1)
     te = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=TEXT_DIM * 4, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77, hidden_act="quick_gelu",
+        vocab_size=49408, hidden_size=text_dim, intermediate_size=text_dim * 4, num_attention_heads=max(4, text_dim // 64),
+        num_hidden_layers=text_layers, max_position_embeddings=77, hidden_act="quick_gelu",
         bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
     channels, layers, groups = VAES[vae]
     vae_model = AutoencoderKL(

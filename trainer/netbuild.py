@@ -227,3 +227,42 @@ def _construct(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
         wd_on_out=spec.dora_on_output,
         bypass_mode=spec.bypass, warn_on_unmatched=False,
     )
+
+
+def skip_unit_scalar(lyco: LycorisNetworkKohya) -> int:
+    """Leave out the multiply by a constant 1 in each LoCon module's bypass forward; returns how many.
+
+    LyCORIS's LoCon bypass forward returns ``bypass_diff(x) * scalar``, where ``scalar`` is a
+    fixed 1 unless the module learns it: one elementwise multiply on the activations, and its
+    backward, per module and step, that changes no value (x * 1.0 is exact). Where the module
+    is a plain LoRA/LoCon (no tucker, DoRA, rank dropout, dropout or learned scalar) its diff is
+    LyCORIS's own ``bypass_diff`` alone; weights, names and files are untouched.
+    """
+    from lycoris.functional.locon import bypass_forward_diff as bypass_diff
+    from lycoris.modules.locon import LoConModule
+
+    count = 0
+    for module in lyco.loras:
+        if type(module) is not LoConModule or not getattr(module, "bypass_mode", False):
+            continue
+        if module.tucker or module.wd or module.rank_dropout or not isinstance(module.dropout, torch.nn.Identity):
+            continue
+        scalar = module.scalar
+        if isinstance(scalar, torch.nn.Parameter) or scalar.numel() != 1 or float(scalar) != 1.0:
+            continue
+        module.bypass_forward_diff = _plain_diff(module, bypass_diff)
+        count += 1
+    return count
+
+
+def _plain_diff(module, bypass_diff: Callable) -> Callable:
+    """The module's bypass diff without the unit-scalar multiply (same arguments as LyCORIS passes)."""
+    down, up = module.lora_down, module.lora_up
+    extra = ({"stride": down.stride, "padding": down.padding, "dilation": down.dilation, "groups": down.groups}
+             if module.isconv else {})
+
+    def diff(x: torch.Tensor, scale: float = 1) -> torch.Tensor:
+        return bypass_diff(x, None, down.weight.to(x), up.weight.to(x), None,
+                           gamma=module.scale * scale, extra_args=extra)
+
+    return diff

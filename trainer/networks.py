@@ -20,7 +20,7 @@ from .devices import DTYPES
 from .fsutil import atomic_path
 from .ldm_names import kohya_unet_renames
 from .metadata import STRENGTH_KEY, build_metadata
-from .netbuild import NetworkSpec, create_lycoris, quiet_lycoris
+from .netbuild import NetworkSpec, create_lycoris, quiet_lycoris, skip_unit_scalar
 from .netfile import check_resume, scale_strength
 from .netgroups import TE, UNET, GroupPlan, build_groups, frozen_params
 from .params import ConfigError
@@ -74,6 +74,7 @@ class Network:
                               f"(element {spec.element}, text encoder {'on' if spec.with_text_encoder else 'off'})")
         with quiet_lycoris():
             lyco.apply_to(None, None, apply_text_encoder=bool(lyco.text_encoder_loras), apply_unet=True)
+        skip_unit_scalar(lyco)
         device = next(bundle.unet.parameters()).device
         dtype = DTYPES[cfg.train_lora_precision]
         lyco.to(device=device)
