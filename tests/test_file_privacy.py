@@ -108,3 +108,17 @@ def test_a_replaced_lora_file_keeps_its_mode(tmp_path) -> None:
     _save(path, overwrite=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert header(path)[STRENGTH_KEY] == "1.0"
+
+
+def test_state_folder_files_have_the_mode_of_a_plain_write(private_job, capsys) -> None:
+    preset, model, out = private_job
+    old = os.umask(0o022)
+    try:
+        code = main(["--preset", str(preset), "--model", str(model), "--lora-dir", str(out), "--quiet",
+                     "--set", "save_state=true"])
+    finally:
+        os.umask(old)
+    assert code == 0, capsys.readouterr().err
+    files = sorted((out / "shared-state").iterdir())
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o644 for f in files}

@@ -93,6 +93,18 @@ def _new_temp(final: Path) -> Path:
     raise FileExistsError(f"no free temp file name next to {final}")
 
 
+def plain_write_mode(folder: Path) -> int:
+    """The mode a plain open() gives a new file in `folder` (0o666 less the umask), from a probe file.
+
+    Reading the umask with os.umask would change it for every thread for a moment.
+    """
+    probe = _new_temp(Path(folder) / "mode-probe")
+    try:
+        return stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        probe.unlink()
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())

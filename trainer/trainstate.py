@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from .ema_weights import EmaWeights
+from .fsutil import plain_write_mode
 
 FORMAT = 1
 INFO, OPTIM, RNG, WEIGHTS, EMA = "state.json", "optimizer.pt", "rng.pt", "weights.safetensors", "ema.safetensors"
@@ -151,6 +152,10 @@ def write_state(folder: Path, live: Live, cfg: Any, step: int, network_file: Pat
     tmp.mkdir(parents=True)
     try:
         _write_files(tmp, live, cfg, step, network_file)
+        mode = plain_write_mode(tmp)
+        for written in tmp.iterdir():  # safetensors 0.8 creates its files 0600
+            if written.is_file():
+                written.chmod(mode)
         _swap_in(tmp, folder)
     finally:
         if tmp.exists():
