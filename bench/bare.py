@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.losses import DiffusionLoss
-from trainer.optim import build_optimizer
+from trainer.training.losses import DiffusionLoss
+from trainer.training.optim import build_optimizer
 
 
 class BareDelta(nn.Module):

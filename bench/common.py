@@ -25,10 +25,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa
 from PIL import Image  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from trainer.bundle import ModelBundle  # noqa: E402
-from trainer.config import BLOCK_IDS, TrainConfig  # noqa: E402
-from trainer.events import Progress  # noqa: E402
-from trainer.tokenizer import clip_tokenizer  # noqa: E402
+from trainer.families.bundle import ModelBundle  # noqa: E402
+from trainer.config.schema import BLOCK_IDS, TrainConfig  # noqa: E402
+from trainer.training.events import Progress  # noqa: E402
+from trainer.families.tokenizer import clip_tokenizer  # noqa: E402
 
 ALGOS = ("lierla", "c3lier", "loha", "lokr")
 PIXELS = 256            # 32x32 latents

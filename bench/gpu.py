@@ -36,11 +36,11 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from bench import bare  # noqa: E402
 from bench.common import (LEARNING_RATE, SEED, BenchHost, StepClock, bench_bundle, bench_config,  # noqa: E402
                           frozen_sd1_bundle, make_images, median_ms, n_params, steady)
-from trainer import devices  # noqa: E402
-from trainer.bundle import ModelBundle  # noqa: E402
-from trainer.engine import Trainer  # noqa: E402
-from trainer.networks import Network  # noqa: E402
-from trainer.textenc import encode_prompts  # noqa: E402
+from trainer.training import devices  # noqa: E402
+from trainer.families.bundle import ModelBundle  # noqa: E402
+from trainer.training.engine import Trainer  # noqa: E402
+from trainer.networks.network import Network  # noqa: E402
+from trainer.families.textenc import encode_prompts  # noqa: E402
 
 
 def sd15_bundle(seed: int = SEED) -> ModelBundle:

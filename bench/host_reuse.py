@@ -67,9 +67,9 @@ def child(variant: str, work: Path, steps: int) -> dict:
 
     from bench.common import bench_config, make_images
     from tests.webuikit import a1111_model_from_ldm, fake_webui
-    from trainer.checkpoint import read_state_dict
-    from trainer.engine import Trainer
-    from trainer.host import StandaloneHost
+    from trainer.families.checkpoint import read_state_dict
+    from trainer.training.engine import Trainer
+    from trainer.hosts.base import StandaloneHost
 
     data = make_images(work / "data")
     checkpoint = work / "bench.safetensors"

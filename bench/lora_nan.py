@@ -76,7 +76,7 @@ def kohya_names(bundle) -> dict[str, torch.nn.Module]:
 
 def peaks(bundle, prompt: str, seed: int) -> dict:
     """Largest |value| out of each text-encoder layer and U-Net block, and of the U-Net output."""
-    from trainer.textenc import encode_prompts
+    from trainer.families.textenc import encode_prompts
 
     found: dict[str, float] = {}
 
@@ -111,7 +111,7 @@ def peaks(bundle, prompt: str, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.models import load_model
+    from trainer.families.loading import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")

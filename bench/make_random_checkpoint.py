@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from tests.ldm_export import export_ldm
-    from trainer.bundle import ModelBundle
+    from trainer.families.bundle import ModelBundle
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("family", choices=["sd1", "sd2", "sdxl"])

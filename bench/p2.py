@@ -17,7 +17,7 @@ from bench.common import ALPHA, LEARNING_RATE, RANK, SEED
 
 def trainer_targets(b) -> tuple[list[str], int]:
     """Paths of the U-Net layers the trainer's lierla network covers, and its parameter count."""
-    from trainer.networks import Network
+    from trainer.networks.network import Network
 
     network = Network.build(b.bundle, b.cfg("lierla", 1))
     try:

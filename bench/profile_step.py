@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from bench import bare  # noqa: E402
 from bench.common import ALGOS, SEED, BenchHost  # noqa: E402
 from bench.step import Bench  # noqa: E402
-from trainer.engine import Trainer  # noqa: E402
+from trainer.training.engine import Trainer  # noqa: E402
 
 
 class Window:

@@ -97,8 +97,8 @@ def child(work: Path, steps: int, images: int) -> dict:
     import torch
 
     from bench.common import bench_config, make_images
-    from trainer.engine import Trainer
-    from trainer.host import StandaloneHost
+    from trainer.training.engine import Trainer
+    from trainer.hosts.base import StandaloneHost
 
     data = make_images(work / "data", n=images)
     host = StandaloneHost(work / "lora", [work])

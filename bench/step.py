@@ -42,9 +42,9 @@ from bench.p2 import bench_p2  # noqa: E402
 from bench.common import (ALGOS, LEARNING_RATE, PIXELS, SEED, BenchHost, StepClock,  # noqa: E402
                           bench_bundle, bench_config, busy_cores, environment, load_average, median_ms,
                           make_images, n_params, steady)
-from trainer.engine import Trainer  # noqa: E402
-from trainer.networks import Network  # noqa: E402
-from trainer.textenc import encode_prompts  # noqa: E402
+from trainer.training.engine import Trainer  # noqa: E402
+from trainer.networks.network import Network  # noqa: E402
+from trainer.families.textenc import encode_prompts  # noqa: E402
 
 ILECO_PROMPTS = ("pattern 0, checkers", "")  # erase: toward the empty prompt
 

@@ -24,17 +24,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer.bundle import ModelBundle
-from trainer.checkpoint import ModelError
+from trainer.families.bundle import ModelBundle
+from trainer.families.checkpoint import ModelError
 from trainer.cli import EXIT_BAD_INPUT, main
-from trainer.config import TrainConfig
-from trainer.engine import Trainer
-from trainer.metadata import STRENGTH_KEY
-from trainer.models import load_model
-from trainer.networks import Network
-from trainer.params import ConfigError
-from trainer.plot import resolve_log
-from trainer.presets import load_preset
+from trainer.config.schema import TrainConfig
+from trainer.training.engine import Trainer
+from trainer.networks.metadata import STRENGTH_KEY
+from trainer.families.loading import load_model
+from trainer.networks.network import Network
+from trainer.config.params import ConfigError
+from trainer.training.plot import resolve_log
+from trainer.config.presets import load_preset
 
 from tests.enginekit import MemoryHost, quick_config
 from tests.modekit import write_pair

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.bundle import ModelBundle
-from trainer.config import BLOCK_IDS, TrainConfig
-from trainer.events import Progress
+from trainer.families.bundle import ModelBundle
+from trainer.config.schema import BLOCK_IDS, TrainConfig
+from trainer.training.events import Progress
 
 from tests.tiny import tiny_bundle
 

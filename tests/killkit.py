@@ -81,9 +81,9 @@ def quick_run(cfg, stop, listener) -> SimpleNamespace:
 
 def churn(journal: Path, seed: int) -> None:
     """Add, remove, move, retry, clear and run jobs as fast as possible: every change rewrites the journal."""
-    from trainer.config import TrainConfig
-    from trainer.jobqueue import JobQueue
-    from trainer.params import ConfigError
+    from trainer.config.schema import TrainConfig
+    from trainer.jobs.queue import JobQueue
+    from trainer.config.params import ConfigError
 
     rng = random.Random(seed)
     queue = JobQueue(journal, quick_run)
@@ -114,8 +114,8 @@ def churn(journal: Path, seed: int) -> None:
 
 def hold(journal: Path) -> None:
     """Queue two jobs and start: the first blocks in run_job, so it stays 'running' until the kill."""
-    from trainer.config import TrainConfig
-    from trainer.jobqueue import JobQueue
+    from trainer.config.schema import TrainConfig
+    from trainer.jobs.queue import JobQueue
 
     gate = threading.Event()
 

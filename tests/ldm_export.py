@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from trainer.bundle import ModelBundle
+from trainer.families.bundle import ModelBundle
 
 _RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
            ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
@@ -146,9 +146,9 @@ def export_ldm(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     """The whole bundle as one ldm state dict, laid out like an A1111 checkpoint of its family."""
     sd = {**unet_to_ldm(bundle.unet), **vae_to_ldm(bundle.vae)}
     tes = bundle.text_encoders
-    if bundle.family == "sd1":
+    if bundle.family.name == "sd1":
         sd.update(clip_to_ldm(tes[0], "cond_stage_model.transformer."))
-    elif bundle.family == "sd2":
+    elif bundle.family.name == "sd2":
         sd.update(open_clip_to_ldm(tes[0], "cond_stage_model.model.", extra_layer=True))
     else:
         sd.update(clip_to_ldm(tes[0], "conditioner.embedders.0.transformer."))
@@ -193,8 +193,8 @@ def ldm_yaml(bundle: ModelBundle) -> dict:
                     "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
                                            "params": _vae_yaml(bundle.vae)}}
     unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-            "params": _unet_yaml(bundle.unet, bundle.family)}
-    if bundle.family == "sdxl":
+            "params": _unet_yaml(bundle.unet, bundle.family.name)}
+    if bundle.family.name == "sdxl":
         params["network_config"] = unet
         outdim = bundle.unet.config.addition_time_embed_dim
         params["conditioner_config"] = {"params": {"emb_models": [

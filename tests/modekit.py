@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.bundle import ModelBundle
-from trainer.networks import Network
+from trainer.families.bundle import ModelBundle
+from trainer.networks.network import Network
 
 from tests.enginekit import quick_config
 from tests.tiny import tiny_bundle

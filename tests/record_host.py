@@ -129,7 +129,7 @@ def meta_checkpoint(family: str, repo: Path) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.ldm_export import export_ldm
-    from trainer.bundle import ModelBundle
+    from trainer.families.bundle import ModelBundle
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(repo / "unet"))

@@ -1,4 +1,4 @@
-"""The REST API (trainer/api.py) on a FastAPI app of its own, over a Controller on the demo model."""
+"""The REST API (trainer/jobs/api.py) on a FastAPI app of its own, over a Controller on the demo model."""
 from __future__ import annotations
 
 import base64
@@ -7,17 +7,17 @@ import uuid
 
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.events import Progress
+from trainer.config.schema import TrainConfig
+from trainer.training.events import Progress
 from trainer.paths import logs_dir
-from trainer.presets import load_preset
-from trainer.runlog import CsvLog
+from trainer.config.presets import load_preset
+from trainer.training.runlog import CsvLog
 
 # The profile without a WebUI has neither fastapi nor gradio: conftest.py leaves this file out there.
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from trainer.api import PREFIX, PROGRESS_FIELDS, mount, parse_api_auth
+from trainer.jobs.api import PREFIX, PROGRESS_FIELDS, mount, parse_api_auth
 
 from tests.uikit import app, demo_root, make_app, wait_idle  # noqa: F401 (fixtures)
 

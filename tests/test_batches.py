@@ -170,7 +170,7 @@ def test_text_cache_warm_and_stop():
 def test_text_cache_matches_batched_encoding(family):
     """Per-caption caching plus empty-chunk padding equals encoding the batch together."""
     from tests.tiny import tiny_bundle
-    from trainer.textenc import encode_prompts
+    from trainer.families.textenc import encode_prompts
 
     bundle = tiny_bundle(family)
     short, long = "a photo of a cat", "a photo of a cat, " * 20  # 1 and 2 chunks of 77 tokens

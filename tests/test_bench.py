@@ -8,7 +8,7 @@ import torch
 
 from bench import startup
 from bench.reference import peft_missing
-from trainer.events import Progress
+from trainer.training.events import Progress
 
 
 def test_phase_clock_splits_start_up_in_event_order(monkeypatch):

@@ -1,5 +1,5 @@
 """The LoCon bypass forward without its unit-scalar multiply: the same values and gradients as
-LyCORIS's own, two elementwise multiplies fewer per module and step (trainer/netbuild.py skip_unit_scalar)."""
+LyCORIS's own, two elementwise multiplies fewer per module and step (trainer/networks/build.py skip_unit_scalar)."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tests.tiny import tiny_bundle
-from trainer.config import TrainConfig
-from trainer.networks import Network
+from trainer.config.schema import TrainConfig
+from trainer.networks.network import Network
 
 
 def make_cfg(**kw) -> TrainConfig:

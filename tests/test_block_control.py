@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import TE_HIDDEN, tiny_bundle
-from trainer.blockctl import lr_weights
-from trainer.blocks import block_id
-from trainer.config import TrainConfig
-from trainer.networks import Network
-from trainer.optim import build_optimizer
-from trainer.params import ConfigError
+from trainer.networks.blockctl import lr_weights
+from trainer.families.blocks import block_id
+from trainer.config.schema import TrainConfig
+from trainer.networks.network import Network
+from trainer.training.optim import build_optimizer
+from trainer.config.params import ConfigError
 
 LR = 1e-3
 

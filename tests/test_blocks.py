@@ -1,11 +1,11 @@
-"""TrainTrain block IDs of diffusers U-Net paths (trainer/blocks.py)."""
+"""TrainTrain block IDs of diffusers U-Net paths (trainer/families/blocks.py)."""
 from __future__ import annotations
 
 import pytest
 
 from tests.tiny import tiny_unet
-from trainer.blocks import block_id, family_block_ids, unet_selector
-from trainer.params import ConfigError
+from trainer.families.blocks import block_id, family_block_ids, unet_selector
+from trainer.config.params import ConfigError
 
 # ldm input_blocks / middle_block / output_blocks indices, written out by hand.
 SD1_CASES = [

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer.data import make_buckets, nearest_bucket, plan_variants, sub_buckets_for
-from trainer.params import ConfigError
+from trainer.config.params import ConfigError
 
 
 def test_square_512_step_256():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from trainer.data.captions import CaptionTricks, not_cached_message, split_tags
-from trainer.engine import Trainer
-from trainer.textenc import encode_prompts
+from trainer.training.engine import Trainer
+from trainer.families.textenc import encode_prompts
 
 from tests.enginekit import MemoryHost, make_images, quick_config
 
@@ -157,8 +157,8 @@ def test_file_names_become_captions_in_a_run(tmp_path, logs):
 
 
 def test_a_training_text_encoder_sees_the_shuffled_captions(tmp_path, logs, monkeypatch):
-    import trainer.textenc as textenc
-    from trainer.config import BLOCK_IDS
+    import trainer.families.textenc as textenc
+    from trainer.config.schema import BLOCK_IDS
 
     with_grad: list[list[str]] = []
     real = textenc.encode_prompts
@@ -176,7 +176,7 @@ def test_a_training_text_encoder_sees_the_shuffled_captions(tmp_path, logs, monk
 
 
 def test_the_caption_generator_is_saved_with_the_training_state():
-    from trainer.trainstate import rng_holders
+    from trainer.training.state import rng_holders
 
     tricks = CaptionTricks(shuffle=True, seed=4)
     assert rng_holders({"captions": tricks}) == {"captions": tricks.rng}

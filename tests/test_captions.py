@@ -7,7 +7,7 @@ import pytest
 
 from trainer.data import read_caption, scan_images
 from trainer.data.scan import apply_trigger, filename_caption
-from trainer.params import ConfigError
+from trainer.config.params import ConfigError
 
 
 def _image(folder: Path, name: str = "img.png") -> Path:

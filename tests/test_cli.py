@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer.cli import main
-from trainer.config import TrainConfig
+from trainer.config.schema import TrainConfig
 
 from tests.enginekit import make_images, quick_config
 from tests.ldm_export import write_single_file

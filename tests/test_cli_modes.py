@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from trainer.cli import main, parse_sets
-from trainer.params import ConfigError
+from trainer.config.params import ConfigError
 
 from tests.enginekit import make_images
 from tests.ldm_export import write_single_file

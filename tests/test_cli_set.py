@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from trainer.cli import parse_sets, split_set
-from trainer.config import TrainConfig
-from trainer.params import ConfigError
+from trainer.config.schema import TrainConfig
+from trainer.config.params import ConfigError
 
 KEYS = sorted({p.key for _, p in TrainConfig.params()} | {name for name, _ in TrainConfig.params()})
 

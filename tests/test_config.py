@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import BLOCK_IDS, IGNORED_KEYS, MODES, TrainConfig
-from trainer.params import ConfigError
+from trainer.config.schema import BLOCK_IDS, IGNORED_KEYS, MODES, TrainConfig
+from trainer.config.params import ConfigError
 
 
 def test_every_param_has_label_help_modes_and_a_valid_default():

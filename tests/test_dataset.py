@@ -14,7 +14,7 @@ from trainer.data import MAX_PIXELS, UnreadableImage, find_images, load_image, r
 from trainer.data.buckets import make_buckets
 from trainer.data.images import to_rgb
 from trainer.data.variants import Variant, mask_at, render_variant
-from trainer.params import ConfigError
+from trainer.config.params import ConfigError
 
 
 def _png(path: Path, size=(8, 8), color=(10, 20, 30)) -> Path:

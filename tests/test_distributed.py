@@ -20,7 +20,7 @@ from tests.enginekit import MemoryHost, make_images, quick_config
 from tests.ldm_export import write_single_file
 from tests.tiny import tiny_bundle
 from trainer.cli import main
-from trainer.distributed import (
+from trainer.training.distributed import (
     DataParallel,
     GradAverager,
     Ranks,
@@ -30,8 +30,8 @@ from trainer.distributed import (
     rank_device,
     shard_rows,
 )
-from trainer.engine import Trainer, resolve_seed
-from trainer.params import ConfigError
+from trainer.training.engine import Trainer, resolve_seed
+from trainer.config.params import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}

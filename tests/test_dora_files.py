@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 
 from tests.test_lora_roundtrip import assert_close, kohya_modules, outputs
 from tests.tiny import tiny_bundle
-from trainer.config import TrainConfig
-from trainer.metadata import network_args
-from trainer.netbuild import NetworkSpec, _lycoris_preset, _preset_for, text_encoder_root
-from trainer.networks import Network
+from trainer.config.schema import TrainConfig
+from trainer.networks.metadata import network_args
+from trainer.networks.build import NetworkSpec, _lycoris_preset, _preset_for, text_encoder_root
+from trainer.networks.network import Network
 
 
 def trained(ntype: str, on_output: bool) -> tuple:

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.config import TrainConfig
-from trainer.ema_weights import EmaWeights, warmup_decay
-from trainer.engine import Trainer
-from trainer.networks import Network
-from trainer.params import ConfigError
-from trainer.runlog import read_log
+from trainer.config.schema import TrainConfig
+from trainer.training.ema import EmaWeights, warmup_decay
+from trainer.training.engine import Trainer
+from trainer.networks.network import Network
+from trainer.config.params import ConfigError
+from trainer.training.runlog import read_log
 
 from tests.enginekit import MemoryHost, make_images, quick_config
 
@@ -143,7 +143,7 @@ def test_samples_are_drawn_with_the_ema_weights_and_training_goes_on_raw(tmp_pat
     """Samples show what a save at that step would hold: the EMA, not the raw weights."""
     from PIL import Image
 
-    import trainer.samples as samples
+    import trainer.training.samples as samples
 
     seen = {}
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.engine import Trainer, TrainingFailed
-from trainer.events import StopFlag
-from trainer.networks import Network
-from trainer.params import ConfigError
-from trainer.runlog import RAW, read_log
-from trainer.textenc import encode_prompts
+from trainer.training.engine import Trainer, TrainingFailed
+from trainer.training.events import StopFlag
+from trainer.networks.network import Network
+from trainer.config.params import ConfigError
+from trainer.training.runlog import RAW, read_log
+from trainer.families.textenc import encode_prompts
 
 from tests.enginekit import MemoryHost, fixed_eval_loss, make_images, quick_config
 
@@ -181,7 +181,7 @@ def test_other_families_train(tmp_path, logs, family):
     assert result.status == "done" and result.output.is_file()
     with safe_open(str(result.output), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_base_model_version"] == host.bundle.model_version
+    assert meta["ss_base_model_version"] == host.bundle.family.model_version
 
 
 def test_stop_flag_from_another_thread(tmp_path, logs):

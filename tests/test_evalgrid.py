@@ -9,14 +9,14 @@ from PIL import Image
 
 from tests.enginekit import MemoryHost, make_images, quick_config
 from tests.modekit import loaded, mode_job, write_pair
-from trainer.config import TrainConfig
-from trainer.engine import Trainer
-from trainer.evalgrid import GridLayout, grid_layout, grid_rows, read_grid_info, write_grid
-from trainer.events import StopFlag
+from trainer.config.schema import TrainConfig
+from trainer.training.engine import Trainer
+from trainer.training.evalgrid import GridLayout, grid_layout, grid_rows, read_grid_info, write_grid
+from trainer.training.events import StopFlag
 from trainer.modes import get_mode
-from trainer.options.grid import MAX_STRENGTHS
-from trainer.params import ConfigError
-from trainer.samples import render_samples
+from trainer.config.options.grid import MAX_STRENGTHS
+from trainer.config.params import ConfigError
+from trainer.training.samples import render_samples
 
 CPU = torch.device("cpu")
 GRID = dict(eval_grid=True, sample_steps=2, eval_grid_seed=5)
@@ -138,7 +138,7 @@ def test_sdxl_grid(tmp_path, logs):
 
 
 def test_images_larger_than_a_cell_are_shrunk(tmp_path, logs, monkeypatch):
-    from trainer import evalgrid
+    from trainer.training import evalgrid
 
     assert evalgrid.cell_size(1024, 1024) == (512, 512) and evalgrid.cell_size(768, 512) == (512, 341)
     assert evalgrid.cell_size(64, 48) == (64, 48)
@@ -154,7 +154,7 @@ def test_images_larger_than_a_cell_are_shrunk(tmp_path, logs, monkeypatch):
 
 
 def test_out_of_memory_in_the_grid_keeps_the_job_done(tmp_path, logs, monkeypatch):
-    from trainer import evalgrid
+    from trainer.training import evalgrid
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("no room")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import trainer.devices as devices
-from trainer.engine import Trainer
-from trainer.events import StopFlag
+import trainer.training.devices as devices
+from trainer.training.engine import Trainer
+from trainer.training.events import StopFlag
 from trainer.hosts.weights import weights_digest
-from trainer.jobqueue import JobQueue
+from trainer.jobs.queue import JobQueue
 from trainer.modes.difference import DifferenceMode
 from trainer.modes.lora import LoraMode
 

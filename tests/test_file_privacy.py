@@ -19,9 +19,9 @@ from tests.enginekit import make_images, quick_config
 from tests.ldm_export import write_single_file
 from tests.tiny import tiny_bundle
 from trainer.cli import main
-from trainer.config import TrainConfig
-from trainer.metadata import SETTINGS_KEY, STRENGTH_KEY, file_name_only, shareable_settings
-from trainer.networks import Network
+from trainer.config.schema import TrainConfig
+from trainer.networks.metadata import SETTINGS_KEY, STRENGTH_KEY, file_name_only, shareable_settings
+from trainer.networks.network import Network
 
 PRIVATE = "home-of-alice"  # a folder name that must not reach the file
 

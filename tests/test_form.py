@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from trainer.config import SECOND_PASS_FIELDS, TrainConfig
+from trainer.config.schema import SECOND_PASS_FIELDS, TrainConfig
 from trainer.demo import DEMO_MODEL, ensure_demo
-from trainer.engine import Trainer
-from trainer.host import StandaloneHost, model_names
-from trainer.models import load_model
-from trainer.params import ConfigError
-from trainer.presets import load_preset
+from trainer.training.engine import Trainer
+from trainer.hosts.base import StandaloneHost, model_names
+from trainer.families.loading import load_model
+from trainer.config.params import ConfigError
+from trainer.config.presets import load_preset
 from trainer.ui import form
 
 from tests.enginekit import MemoryHost, make_images, quick_config
@@ -89,7 +89,7 @@ def test_demo_is_made_once_and_loads(tmp_path):
     pngs = sorted(images.glob("*.png"))
     assert len(pngs) == 12 and all(p.with_suffix(".txt").read_text().startswith("a ") for p in pngs)
     bundle = load_model(models / DEMO_MODEL)
-    assert bundle.family == "sd1" and not bundle.v_pred
+    assert bundle.family.name == "sd1" and not bundle.v_pred
     assert StandaloneHost(tmp_path / "out", [models]).list_models() == [DEMO_MODEL]
 
 

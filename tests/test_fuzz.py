@@ -1,7 +1,7 @@
 """Fuzzing the preset loader, the schema's coercion and the free-text settings parsers.
 
 Whatever arrives (a preset file's bytes, an API's JSON object, a ``k=v`` text box),
-the only exception that may escape is ``trainer.params.ConfigError``, and it names the
+the only exception that may escape is ``trainer.config.params.ConfigError``, and it names the
 field it was given. Hypothesis runs derandomized (the same examples on every run, no
 example database), and each test is bounded by ``max_examples`` and a timeout.
 """
@@ -18,10 +18,10 @@ from diffusers.optimization import get_piecewise_constant_schedule
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from trainer.config import IGNORED_KEYS, SECOND_PASS_FIELDS, SECOND_PASS_KEY, TrainConfig
-from trainer.kvparse import parse_settings, parse_step_rules
-from trainer.params import ConfigError
-from trainer.presets import load_preset
+from trainer.config.schema import IGNORED_KEYS, SECOND_PASS_FIELDS, SECOND_PASS_KEY, TrainConfig
+from trainer.config.kvparse import parse_settings, parse_step_rules
+from trainer.config.params import ConfigError
+from trainer.config.presets import load_preset
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -85,8 +85,8 @@ def test_an_installed_package_outside_the_tested_range_is_kept_with_a_note():
 
 
 def test_every_optimizer_package_is_planned_except_bitsandbytes():
-    """install.py covers trainer/optim.py's packages; bitsandbytes is hardware-specific, torch/transformers the host's."""
-    from trainer.optim import OPTIMIZER_PACKAGES
+    """install.py covers trainer/training/optim.py's packages; bitsandbytes is hardware-specific, torch/transformers the host's."""
+    from trainer.training.optim import OPTIMIZER_PACKAGES
 
     needed = {install.canonical(name) for name, _ in install.NEEDS}
     wanted = {install.canonical(pkg) for pkg in OPTIMIZER_PACKAGES.values()} - {"bitsandbytes", *install.HOST_ONLY}

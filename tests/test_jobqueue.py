@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.engine import RunResult, Trainer, TrainingFailed
-from trainer.events import JobStopped, Progress
-from trainer.jobqueue import Job, JobQueue
-from trainer.params import ConfigError
+from trainer.config.schema import TrainConfig
+from trainer.training.engine import RunResult, Trainer, TrainingFailed
+from trainer.training.events import JobStopped, Progress
+from trainer.jobs.queue import Job, JobQueue
+from trainer.config.params import ConfigError
 
 from tests.enginekit import MemoryHost, make_images, quick_config
 
@@ -254,7 +254,7 @@ def test_failing_jobs_do_not_stop_the_queue(queue, fake, journal, caplog):
     }
     for n in ("nan", "cfg", "oom", "disk", "stopped", "bug", "fine"):
         queue.add(cfg(n))
-    with caplog.at_level(logging.WARNING, logger="trainer.jobqueue"):
+    with caplog.at_level(logging.WARNING, logger="trainer.jobs.queue"):
         queue.start()
         assert queue.wait(T)
     assert fake.calls == ["nan", "cfg", "oom", "disk", "stopped", "bug", "fine"]
@@ -352,7 +352,7 @@ def test_retry_refuses_active_jobs_and_taken_names(queue, fake):
 def test_a_corrupt_journal_is_set_aside(journal, fake, caplog, content):
     journal.parent.mkdir(parents=True)
     journal.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="trainer.jobqueue"):
+    with caplog.at_level(logging.WARNING, logger="trainer.jobs.queue"):
         q = JobQueue(journal, fake)
     assert q.snapshot() == [] and not journal.exists()
     aside = list(journal.parent.glob("queue.json.corrupt-*"))

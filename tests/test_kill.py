@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from trainer.fsutil import write_text_atomic
-from trainer.jobqueue import JobQueue
-from trainer.jobs import read_journal
+from trainer.jobs.queue import JobQueue
+from trainer.jobs.journal import read_journal
 
 from tests.enginekit import make_images, quick_config
 from tests.killkit import kill_and_reap, quick_run, sha256, spawn, target_of, temp_files, wait_for_temp

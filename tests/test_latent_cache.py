@@ -9,10 +9,10 @@ import torch
 from PIL import Image, ImageOps
 
 from tests.tiny import tiny_bundle
-from trainer.config import TrainConfig
+from trainer.config.schema import TrainConfig
 from trainer.data import Stopped, build_latent_dataset, load_image, resize_cover_crop, scan_images
 from trainer.data.cache import vae_for_encoding
-from trainer.params import ConfigError
+from trainer.config.params import ConfigError
 
 CPU = torch.device("cpu")
 

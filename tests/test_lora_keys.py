@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from tests.ldm_export import export_ldm, unet_module_paths
 from tests.tiny import tiny_bundle
-from trainer.config import TrainConfig
-from trainer.networks import Network
+from trainer.config.schema import TrainConfig
+from trainer.networks.network import Network
 
 _RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
            "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
@@ -96,7 +96,7 @@ def host_layers(bundle) -> set[str]:
         module = key.rsplit(".", 1)[0]
         if key.startswith("model.diffusion_model."):
             out.add(module[len("model."):].replace(".", "_"))
-        for prefix, lead in _TE_PREFIXES[bundle.family]:
+        for prefix, lead in _TE_PREFIXES[bundle.family.name]:
             if key.startswith(prefix):
                 out.add(lead + module[len(prefix):].replace(".", "_"))
     return out

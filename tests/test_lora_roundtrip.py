@@ -14,8 +14,8 @@ from torch import nn
 
 from tests.ldm_export import kohya_unet_name, unet_module_paths
 from tests.tiny import tiny_bundle
-from trainer.config import TrainConfig
-from trainer.networks import Network
+from trainer.config.schema import TrainConfig
+from trainer.networks.network import Network
 
 TOL = 1e-4
 # SD1's deepest level is then 2x2; at 1x1, GroupNorm over 2 values per group
@@ -41,7 +41,7 @@ def outputs(bundle) -> list[torch.Tensor]:
     x = torch.randn(1, 4, SIDE, SIDE, generator=g)
     enc = torch.randn(1, 8, bundle.unet.config.cross_attention_dim, generator=g)
     kw = {}
-    if bundle.family == "sdxl":
+    if bundle.family.name == "sdxl":
         kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g),
                                    "time_ids": torch.randn(1, 6, generator=g)}
     ids = torch.randint(0, 49406, (1, 12), generator=g)
@@ -64,7 +64,7 @@ def pipeline(bundle):
 
     # steps_offset=1 only silences the pipeline's deprecation notice; sampling is not used here
     sched = DDPMScheduler.from_config(bundle.noise_scheduler.config, steps_offset=1)
-    if bundle.family == "sdxl":
+    if bundle.family.name == "sdxl":
         te1, te2 = bundle.text_encoders
         tok1, tok2 = bundle.tokenizers
         return StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
@@ -93,7 +93,7 @@ def kohya_modules(bundle) -> dict[str, nn.Module]:
     """File key -> module of a bundle, text encoders named through ``text_model``
     (SDXL U-Net keys in the checkpoint layout, through tests/ldm_export's mapping)."""
     paths = unet_module_paths(bundle.unet)
-    out = {kohya_unet_name(bundle.family, n, paths): m for n, m in bundle.unet.named_modules() if n in paths}
+    out = {kohya_unet_name(bundle.family.name, n, paths): m for n, m in bundle.unet.named_modules() if n in paths}
     prefixes = ["lora_te"] if len(bundle.text_encoders) == 1 else ["lora_te1", "lora_te2"]
     for prefix, te in zip(prefixes, bundle.text_encoders):
         lead = "" if hasattr(te, "text_model") else "text_model."  # transformers 5 CLIPTextModel

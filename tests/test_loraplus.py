@@ -6,12 +6,12 @@ import torch
 
 from tests.enginekit import MemoryHost, make_images, quick_config
 from tests.tiny import tiny_bundle
-from trainer.config import TrainConfig
-from trainer.engine import Trainer
-from trainer.networks import Network
-from trainer.optim import build_optimizer, build_scheduler, is_schedule_free
-from trainer.params import ConfigError
-from trainer.runlog import read_log
+from trainer.config.schema import TrainConfig
+from trainer.training.engine import Trainer
+from trainer.networks.network import Network
+from trainer.training.optim import build_optimizer, build_scheduler, is_schedule_free
+from trainer.config.params import ConfigError
+from trainer.training.runlog import read_log
 
 LR, TE_LR = 1e-3, 5e-4
 

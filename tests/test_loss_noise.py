@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.bundle import ModelBundle
-from trainer.config import TrainConfig
-from trainer.events import StopFlag
-from trainer.losses import DEBIASED_SNR_RANGE, DiffusionLoss
+from trainer.families.bundle import ModelBundle
+from trainer.config.schema import TrainConfig
+from trainer.training.events import StopFlag
+from trainer.training.losses import DEBIASED_SNR_RANGE, DiffusionLoss
 from trainer.modes.base import StepContext, denoising_loss
-from trainer.noise import input_perturbation, noise_like
-from trainer.textenc import Cond
+from trainer.training.noise import input_perturbation, noise_like
+from trainer.families.textenc import Cond
 
 from tests.tiny import tiny_scheduler
 

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from trainer.config import TrainConfig
-from trainer.engine import Trainer
-from trainer.losses import (DEBIASED_SNR_RANGE, DiffusionLoss, debiased_weight, diffusion_loss, huber_c,
+from trainer.config.schema import TrainConfig
+from trainer.training.engine import Trainer
+from trainer.training.losses import (DEBIASED_SNR_RANGE, DiffusionLoss, debiased_weight, diffusion_loss, huber_c,
                             min_snr_weight, pseudo_huber, smooth_l1)
-from trainer.params import ConfigError
-from trainer.presets import load_preset
+from trainer.config.params import ConfigError
+from trainer.config.presets import load_preset
 
 from tests.enginekit import MemoryHost, make_images, quick_config
 from tests.modekit import mode_job, write_pair

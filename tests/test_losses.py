@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from trainer.config import LOSSES
-from trainer.losses import (
+from trainer.config.schema import LOSSES
+from trainer.training.losses import (
     LOSS_KINDS,
     DiffusionLoss,
     Ema,
@@ -19,7 +19,7 @@ from trainer.losses import (
     snr,
     training_target,
 )
-from trainer.params import ConfigError
+from trainer.config.params import ConfigError
 
 # snr = ᾱ/(1-ᾱ) = 1, 9, 99 and 0 (a zero-terminal-SNR last step).
 ALPHAS = torch.tensor([0.5, 0.9, 0.99, 0.0])

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from trainer.data import build_latent_dataset, find_images, scan_images
 from trainer.data.images import load_mask
 from trainer.data.scan import mask_file
-from trainer.engine import Trainer
-from trainer.losses import DiffusionLoss
-from trainer.params import ConfigError
+from trainer.training.engine import Trainer
+from trainer.training.losses import DiffusionLoss
+from trainer.config.params import ConfigError
 
 from tests.enginekit import MemoryHost, make_images, quick_config
 from tests.tiny import tiny_bundle

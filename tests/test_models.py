@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from tests.ldm_export import (assert_frozen, assert_same_model, export_ldm, ldm_yaml, max_diff, outputs,
                               te_out, vae_out, vae_to_ldm, write_single_file)
 from tests.tiny import tiny_bundle
-from trainer import models, single_file
-from trainer.models import ModelError, load_from_state_dict, load_model, load_vae_file
+from trainer.families import loading as models, single_file
+from trainer.families.loading import ModelError, load_from_state_dict, load_model, load_vae_file
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -32,7 +32,7 @@ def exported(tmp_path_factory) -> dict:
 def test_single_file_round_trip(exported, family):
     src, path, ref = exported[family]
     got = load_model(path)
-    assert got.family == family
+    assert got.family.name == family
     assert got.v_pred is (family == "sd2")  # the SD2 yaml says parameterization: v
     assert got.noise_scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
     assert got.noise_scheduler.config.beta_schedule == "scaled_linear"
@@ -66,7 +66,7 @@ def test_diffusers_folder(exported, tmp_path, family):
         part.save_pretrained(tmp_path / sub)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     got = load_model(tmp_path)
-    assert got.family == family and got.v_pred is False
+    assert got.family.name == family and got.v_pred is False
     assert [t.pad_token for t in got.tokenizers] == [t.pad_token for t in src.tokenizers]
     assert_same_model(src, got, ref)
     assert_frozen(got)
@@ -79,7 +79,7 @@ def test_diffusers_folder_v_pred_and_sd2(exported, tmp_path):
         part.save_pretrained(tmp_path / sub)
     (tmp_path / "model_index.json").write_text("{}")
     got = load_model(tmp_path)
-    assert got.family == "sd2" and got.v_pred is True
+    assert got.family.name == "sd2" and got.v_pred is True
     assert got.tokenizers[0].pad_token == "!"  # no tokenizer/ folder: the offline OpenCLIP one
     assert_same_model(src, got, ref)
 
@@ -93,7 +93,7 @@ def test_folder_without_model_index(tmp_path):
 def test_ckpt_loads_weights_only(exported, tmp_path):
     src, _, ref = exported["sd1"]
     got = load_model(write_single_file(src, tmp_path / "m.ckpt"))
-    assert got.family == "sd1"
+    assert got.family.name == "sd1"
     assert_same_model(src, got, ref)
 
 
@@ -182,10 +182,10 @@ def test_legacy_sd1_text_encoder_keys():
 def test_detect_family_from_ldm_keys(family):
     src = tiny_bundle(family)
     sd = export_ldm(src)
-    assert models.detect_family(sd.keys()) == family
+    assert models.detect_family(sd.keys()).name == family
     unet_only = {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
-    assert models.detect_family(unet_only) == family  # shapes tell SD1 (conv proj_in) from SD2 (linear)
-    assert models.detect_family(src.unet.state_dict()) == family  # diffusers U-Net layout
+    assert models.detect_family(unet_only).name == family  # shapes tell SD1 (conv proj_in) from SD2 (linear)
+    assert models.detect_family(src.unet.state_dict()).name == family  # diffusers U-Net layout
 
 
 def test_detect_family_refuses_other_files():
@@ -279,7 +279,7 @@ def test_original_config_as_a_file(tmp_path):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(json.dumps(ldm_yaml(src)))
     got = load_from_state_dict(export_ldm(src), name="mine", original_config=cfg_path)
-    assert got.family == "sd2" and got.v_pred is True and got.name == "mine"
+    assert got.family.name == "sd2" and got.v_pred is True and got.name == "mine"
     with pytest.raises(ModelError, match="nothere.yaml"):
         load_from_state_dict(export_ldm(src), original_config=tmp_path / "nothere.yaml")
 

@@ -10,10 +10,10 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from trainer.data.pairs import single_pair
-from trainer.engine import Trainer
-from trainer.networks import Network
-from trainer.params import ConfigError
-from trainer.textenc import encode_prompts
+from trainer.training.engine import Trainer
+from trainer.networks.network import Network
+from trainer.config.params import ConfigError
+from trainer.families.textenc import encode_prompts
 
 from tests.enginekit import MemoryHost
 from tests.modekit import (held_out, live_metric_at_save, loaded, mode_job as job, mse, record_unet_calls,
@@ -68,7 +68,7 @@ def test_ileco_base_prediction_is_the_same_unet_unhooked_without_grad(tmp_path, 
 
 
 def test_ileco_trains_the_size_as_given_and_encodes_prompts_once(tmp_path, logs, monkeypatch):
-    import trainer.textenc as textenc
+    import trainer.families.textenc as textenc
 
     host = MemoryHost(tmp_path / "out", bundle=responsive_bundle())
     shapes, encoded = [], []

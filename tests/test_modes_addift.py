@@ -9,10 +9,10 @@ from PIL import Image
 from trainer.data.pairs import (PairBatches, change_map, encode_pairs, find_pairs, latent_mask, single_pair)
 from trainer.data.scan import ImageItem
 from trainer.data.text import TextCache
-from trainer.engine import Trainer
-from trainer.losses import DiffusionLoss
-from trainer.params import ConfigError
-from trainer.textenc import encode_prompts
+from trainer.training.engine import Trainer
+from trainer.training.losses import DiffusionLoss
+from trainer.config.params import ConfigError
+from trainer.families.textenc import encode_prompts
 
 from tests.enginekit import MemoryHost
 from tests.modekit import (held_out, live_metric_at_save, loaded, mode_job, mse, pattern, record_unet_calls,

@@ -1,4 +1,4 @@
-"""Network building, kohya key names, multiplier, removal, files and metadata (trainer/networks.py)."""
+"""Network building, kohya key names, multiplier, removal, files and metadata (trainer/networks/network.py)."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,11 @@ from torch import nn
 
 from tests.ldm_export import kohya_unet_name, unet_module_paths
 from tests.tiny import tiny_bundle
-from trainer.blocks import block_id, family_block_ids
-from trainer.config import TrainConfig
-from trainer.metadata import SETTINGS_KEY, build_metadata
-from trainer.networks import Network
-from trainer.params import ConfigError
+from trainer.families.blocks import block_id, family_block_ids
+from trainer.config.schema import TrainConfig
+from trainer.networks.metadata import SETTINGS_KEY, build_metadata
+from trainer.networks.network import Network
+from trainer.config.params import ConfigError
 
 NO_BASE = [b for b in TrainConfig().network_blocks if b != "BASE"]
 TE_LAYERS = [f"encoder_layers_{i}_{s}" for i in range(2) for s in (
@@ -63,7 +63,7 @@ def unet_out(bundle) -> torch.Tensor:
     x = torch.randn(1, 4, 8, 8, generator=g)
     enc = torch.randn(1, 8, bundle.unet.config.cross_attention_dim, generator=g)
     kw = {}
-    if bundle.family == "sdxl":
+    if bundle.family.name == "sdxl":
         kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g),
                                    "time_ids": torch.randn(1, 6, generator=g)}
     with torch.no_grad():

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import OPTIMIZERS, SCHEDULERS
-from trainer.optim import OPTIMIZER_PACKAGES, build_optimizer, eval_weights, is_schedule_free, set_train_mode
-from trainer.params import ConfigError
-from trainer.schedulers import build_scheduler
+from trainer.config.schema import OPTIMIZERS, SCHEDULERS
+from trainer.training.optim import OPTIMIZER_PACKAGES, build_optimizer, eval_weights, is_schedule_free, set_train_mode
+from trainer.config.params import ConfigError
+from trainer.training.schedulers import build_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 EIGHT_BIT = {"AdamW8bit": "AdamW", "Adam8bit": "Adam", "SGDNesterov8bit": "SGDNesterov",
@@ -172,7 +172,7 @@ def test_bad_values_are_config_errors_naming_the_setting(text, key):
 
 
 def test_adafactor_relative_step_by_default(caplog):
-    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+    with caplog.at_level(logging.WARNING, logger="trainer.training.optim"):
         opt = build_optimizer("AdaFactor", groups(1e-3, 1e-3), 1e-3, "")
     assert opt.defaults["lr"] is None and opt.defaults["relative_step"] is True
     assert "initial_lr" in caplog.text
@@ -183,11 +183,11 @@ def test_adafactor_relative_step_by_default(caplog):
 
 
 def test_lr_free_optimizers_warn_on_small_rates_and_refuse_mixed_rates(caplog):
-    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+    with caplog.at_level(logging.WARNING, logger="trainer.training.optim"):
         build_optimizer("DAdaptAdam", groups(1e-4, 1e-4), 1e-4, "")
     assert "around 1.0" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+    with caplog.at_level(logging.WARNING, logger="trainer.training.optim"):
         build_optimizer("DAdaptAdam", groups(1.0, 0.0), 1.0, "")  # a rate of 0 freezes a group
     assert "around 1.0" not in caplog.text
     with pytest.raises(ConfigError) as err:
@@ -282,11 +282,11 @@ def both_curves(name: str, *, warmup: int, rules: str, settings: str, optimizer:
 
 
 def test_build_scheduler_is_importable_from_optim_too():
-    from trainer.optim import build_scheduler as via_optim
+    from trainer.training.optim import build_scheduler as via_optim
 
     assert via_optim is build_scheduler
     # schedulers imported first is the order that would expose an import cycle.
-    code = "import trainer.schedulers as s; from trainer.optim import build_scheduler as b; assert b is s.build_scheduler"
+    code = "import trainer.training.schedulers as s; from trainer.training.optim import build_scheduler as b; assert b is s.build_scheduler"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import TrainConfig
+from trainer.config.schema import TrainConfig
 from trainer.fsutil import atomic_path, write_json_atomic
-from trainer.outputs import plan_outputs, save_steps
-from trainer.params import ConfigError
+from trainer.training.outputs import plan_outputs, save_steps
+from trainer.config.params import ConfigError
 
 
 def test_save_steps_exclude_the_final_step():

@@ -7,9 +7,9 @@ import time
 import pytest
 from PIL import Image
 
-from trainer.params import ConfigError
-from trainer.plot import latest_log, log_names, loss_figure, resolve_log, save_png
-from trainer.runlog import CsvLog
+from trainer.config.params import ConfigError
+from trainer.training.plot import latest_log, log_names, loss_figure, resolve_log, save_png
+from trainer.training.runlog import CsvLog
 
 
 def write_log(root, day: str, name: str, steps: int = 5, n_lrs: int = 2):

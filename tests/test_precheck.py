@@ -1,4 +1,4 @@
-"""The checks run when a job is added (trainer/precheck.py), the same from the CLI; the queue's
+"""The checks run when a job is added (trainer/jobs/precheck.py), the same from the CLI; the queue's
 per-pass progress and the event feed (no gradio: every profile)."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import time
 import pytest
 
 from trainer.cli import main
-from trainer.config import TrainConfig
-from trainer.engine import RunResult
-from trainer.events import Progress
-from trainer.host import StandaloneHost
-from trainer.jobqueue import JobQueue
-from trainer.params import ConfigError, GROUPS
-from trainer.precheck import precheck
+from trainer.config.schema import TrainConfig
+from trainer.training.engine import RunResult
+from trainer.training.events import Progress
+from trainer.hosts.base import StandaloneHost
+from trainer.jobs.queue import JobQueue
+from trainer.config.params import ConfigError, GROUPS
+from trainer.jobs.precheck import precheck
 from trainer.ui import feed, form
 
 from tests.enginekit import make_images, quick_config

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.params import ConfigError
-from trainer.presets import list_presets, load_preset, save_preset, save_run_settings
+from trainer.config.schema import TrainConfig
+from trainer.config.params import ConfigError
+from trainer.config.presets import list_presets, load_preset, save_preset, save_run_settings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.data.batches import BucketBatches
-from trainer.engine import Trainer
-from trainer.events import StopFlag
-from trainer.outputs import plan_outputs, state_path
-from trainer.params import ConfigError
-from trainer.runlog import read_log
+from trainer.training.engine import Trainer
+from trainer.training.events import StopFlag
+from trainer.training.outputs import plan_outputs, state_path
+from trainer.config.params import ConfigError
+from trainer.training.runlog import read_log
 
 from tests.enginekit import MemoryHost, make_images, quick_config
 
@@ -73,7 +73,7 @@ def test_state_folder_contents(full):
 
 def test_resume_from_an_intermediate_save_matches_the_uninterrupted_run(full, tmp_path, logs, caplog):
     data, lora = full
-    with caplog.at_level(logging.INFO, logger="trainer.resumestate"):
+    with caplog.at_level(logging.INFO, logger="trainer.training.resume"):
         result = _run(data, tmp_path / "lora", save_lora_name="resumed",
                       network_resume=str(lora / "full_4steps.safetensors"))
     assert result.status == "done" and result.steps == 8
@@ -100,7 +100,7 @@ def test_stop_and_save_then_resume_matches_with_ema(tmp_path, logs):
 def test_without_a_state_folder_only_the_weights_resume(full, tmp_path, logs, caplog):
     data, lora = full
     shutil.copy(lora / "full_4steps.safetensors", tmp_path / "bare.safetensors")
-    with caplog.at_level(logging.INFO, logger="trainer.resumestate"):
+    with caplog.at_level(logging.INFO, logger="trainer.training.resume"):
         result = _run(data, tmp_path / "lora", save_lora_name="bare", network_resume=str(tmp_path / "bare.safetensors"))
     assert "loading the weights only and training from step 1" in caplog.text
     header, frame = read_log(result.logs[0])
@@ -277,7 +277,7 @@ def test_ileco_resumes_exactly_without_a_data_order(tmp_path, logs):
 
 
 def test_a_failed_state_write_keeps_the_old_folder(full, tmp_path, logs, monkeypatch):
-    import trainer.trainstate as trainstate
+    import trainer.training.state as trainstate
 
     data, lora = full
     resume = _copy_pair(lora, tmp_path / "lora", "full")

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from trainer.runlog import RAW, CsvLog, log_path, read_header, read_log
+from trainer.training.runlog import RAW, CsvLog, log_path, read_header, read_log
 
 
 def test_log_path_layout(tmp_path):

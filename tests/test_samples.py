@@ -10,11 +10,11 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionMode
 from PIL import Image
 
 from tests.tiny import tiny_bundle
-from trainer import samples
-from trainer.config import TrainConfig
-from trainer.networks import Network
-from trainer.params import ConfigError
-from trainer.samples import check_size, parse_prompts, render_samples, save_samples
+from trainer.training import samples
+from trainer.config.schema import TrainConfig
+from trainer.networks.network import Network
+from trainer.config.params import ConfigError
+from trainer.training.samples import check_size, parse_prompts, render_samples, save_samples
 
 CPU = torch.device("cpu")
 PROMPTS = ["a photo of a cat", "a red car"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.host import StandaloneHost
-from trainer.params import ConfigError
+from trainer.hosts.base import StandaloneHost
+from trainer.config.params import ConfigError
 from trainer.ui.controller import Controller
 
 from tests.enginekit import make_images, quick_config

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.tiny import tiny_bundle
-from trainer.textenc import Cond, chunk_ids, encode_prompts, sdxl_time_ids
+from trainer.families.textenc import Cond, chunk_ids, encode_prompts, sdxl_time_ids
 
 LONG = " ".join(["cat"] * 100)  # "cat" is one token: 100 tokens, two chunks
 

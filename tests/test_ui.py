@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from trainer.config import SECOND_PASS_FIELDS
+from trainer.config.schema import SECOND_PASS_FIELDS
 from trainer.ui import form
 from trainer.ui.controller import Controller
 
@@ -144,7 +144,7 @@ def test_samples_appear_in_the_gallery(app, tmp_path):
 def test_the_evaluation_grid_shows_after_the_job(app, tmp_path):
     from PIL import Image
 
-    from trainer.evalgrid import read_grid_info
+    from trainer.training.evalgrid import read_grid_info
 
     assert app.train.grid.elem_id == "traindeck-grid" and app.ctl.grid() is None
     start = handler(app.blocks, "traindeck_start")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from trainer.config import SECOND_PASS_FIELDS
+from trainer.config.schema import SECOND_PASS_FIELDS
 from trainer.ui import form
 
 from tests.modekit import write_pair

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import trainer.models as models
-from trainer.engine import Trainer
+import trainer.families.loading as models
+from trainer.training.engine import Trainer
 from trainer.hosts.weights import weights_digest
-from trainer.params import ConfigError
-from trainer.textenc import encode_prompts
+from trainer.config.params import ConfigError
+from trainer.families.textenc import encode_prompts
 
 from tests.enginekit import make_images, quick_config
 from tests.ldm_export import assert_same_model
@@ -44,7 +44,7 @@ def test_the_loaded_model_is_reused_from_memory(kind, family, tmp_path, monkeypa
         assert host.kind == kind and host.is_loaded("") and host.is_loaded(model.sd_checkpoint_info.title)
         no_file_reads(monkeypatch)
         bundle = host.load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
-        assert bundle.family == family and bundle.v_pred == src.v_pred and bundle.extra["reused_from_host"]
+        assert bundle.family.name == family and bundle.v_pred == src.v_pred and bundle.extra["reused_from_host"]
         assert_same_model(src, bundle)
         host_ptrs = {t.data_ptr() for t in host_tensors(model)}
         unet_ptrs = [p.data_ptr() for p in bundle.unet.parameters()]
@@ -206,7 +206,7 @@ def test_prompts_use_the_hosts_clip_skip(kind, skip, tmp_path):
 
 def test_the_hosts_interrupt_stops_and_saves(tmp_path, logs):
     from trainer.hosts.webui import WebUIHost
-    from trainer.events import StopFlag
+    from trainer.training.events import StopFlag
 
     with fake_webui("a1111") as w:
         w.shared.sd_model = a1111_model(tiny_bundle("sd1"), tmp_path / "m.safetensors")

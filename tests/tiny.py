@@ -10,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from trainer.bundle import ModelBundle
-from trainer.tokenizer import clip_tokenizer
+from trainer.families.bundle import ModelBundle
+from trainer.families.tokenizer import clip_tokenizer
 
 TE_HIDDEN = 32
 

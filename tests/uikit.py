@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import SECOND_PASS_FIELDS
+from trainer.config.schema import SECOND_PASS_FIELDS
 from trainer.demo import DEMO_MODEL, ensure_demo
-from trainer.host import StandaloneHost
+from trainer.hosts.base import StandaloneHost
 from trainer.paths import ROOT
-from trainer.presets import load_preset
+from trainer.config.presets import load_preset
 from trainer.ui import form
 from trainer.ui.app import App
 from trainer.ui.controller import Controller

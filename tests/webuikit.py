@@ -78,7 +78,7 @@ def a1111_model(bundle, checkpoint: Path) -> nn.Module:
     """The ldm model A1111 has loaded: checkpoint-named weights, hijacked, with its flags.
     The checkpoint (and its .yaml) is written too."""
     write_single_file(bundle, checkpoint)
-    return a1111_model_from_ldm(export_ldm(bundle), bundle.family, checkpoint, bundle.v_pred)
+    return a1111_model_from_ldm(export_ldm(bundle), bundle.family.name, checkpoint, bundle.v_pred)
 
 
 def a1111_model_from_ldm(sd: dict[str, torch.Tensor], family: str, checkpoint: Path, v_pred: bool,
@@ -123,7 +123,7 @@ def _forge_clip(bundle) -> dict[str, torch.Tensor]:
     """Forge's joint text encoder: `clip_l/clip_h/clip_g.transformer.*` (transformers' layout, no
     position_ids buffer in its state dict), plus what its IntegratedCLIP adds: `logit_scale`, and for
     OpenCLIP-H a `text_projection` it never loads from the checkpoint."""
-    names = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[bundle.family]
+    names = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[bundle.family.name]
     clip: dict[str, torch.Tensor] = {}
     for name, te in zip(names, bundle.text_encoders):
         hf = {k: v for k, v in _hf_clip(te).items() if not k.startswith("text_model.text_projection")
@@ -167,7 +167,7 @@ def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
     the recorded aliases, inference tensors, and a LoraLoader (empty backup) where the record found one.
     Call fp16_exact(bundle) first where the copy must equal the source."""
     rec = host_record()["forge"]
-    fam = rec[bundle.family]
+    fam = rec[bundle.family.name]
     ldm = export_ldm(bundle)
     unet = {k[len("model.diffusion_model."):]: v for k, v in ldm.items() if k.startswith("model.diffusion_model.")}
     vae = {k[len("first_stage_model."):]: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
@@ -183,7 +183,7 @@ def forge_model(bundle, checkpoint: Path) -> SimpleNamespace:
                               clip=SimpleNamespace(cond_stage_model=parts[2]))
     write_single_file(bundle, checkpoint)
     model = SimpleNamespace(forge_objects=objects, sd_checkpoint_info=_info(checkpoint),
-                            **{flag: bundle.family == flag[3:] for flag in ("is_sd1", "is_sd2", "is_sdxl")})
+                            **{flag: bundle.family.name == flag[3:] for flag in ("is_sd1", "is_sd2", "is_sdxl")})
     for where in rec["sd1"]["lora"].values():
         holder = resolve(model, where["holder"])
         holder.lora_loader = SimpleNamespace(backup={}, loaded_hash=str([]))

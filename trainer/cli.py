@@ -1,7 +1,7 @@
 """Headless CLI: python -m trainer --preset FILE [--model PATH] [--lora-dir DIR] [--set k=v ...]
 
 Started by torchrun or accelerate launch (WORLD_SIZE > 1), the job trains data-parallel
-across the launched processes (trainer/distributed.py); rank 0 alone writes and prints.
+across the launched processes (trainer/training/distributed.py); rank 0 alone writes and prints.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from .config import SECOND_PASS_KEY, TrainConfig
-from .params import ConfigError, Param
+from .config.schema import SECOND_PASS_KEY, TrainConfig
+from .config.params import ConfigError, Param
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -104,7 +104,7 @@ def parse_sets(items: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def load_config(args: argparse.Namespace, warn: bool = True) -> TrainConfig:
-    from .presets import load_preset
+    from .config.presets import load_preset
 
     warnings: list[str] = []
     cfg = load_preset(args.preset, warnings=warnings)
@@ -148,13 +148,13 @@ class _Bar:
 
 def _train(args: argparse.Namespace, ranks, bar: _Bar):
     """Load the settings and run the job, in the launcher's process group when there is one."""
-    from .distributed import DataParallel
-    from .engine import Trainer
-    from .host import StandaloneHost
+    from .training.distributed import DataParallel
+    from .training.engine import Trainer
+    from .hosts.base import StandaloneHost
 
     cfg = load_config(args, warn=ranks is None or ranks.is_main)
     host = StandaloneHost(Path(args.lora_dir), [Path(d) for d in args.models_dir])
-    from .precheck import precheck
+    from .jobs.precheck import precheck
 
     precheck(cfg, host.lora_dir(), host)  # the checks the UI and the API run when a job is added
     parallel = DataParallel.start(ranks, args.device) if ranks is not None else None
@@ -167,8 +167,8 @@ def _train(args: argparse.Namespace, ranks, bar: _Bar):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .distributed import launched_ranks
-    from .engine import TrainingFailed
+    from .training.distributed import launched_ranks
+    from .training.engine import TrainingFailed
 
     try:
         ranks = launched_ranks()

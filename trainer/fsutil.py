@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .params import ConfigError
+from .config.params import ConfigError
 
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 _BAD_CHARS = set('<>:"/\\|?*') | {chr(i) for i in range(32)}

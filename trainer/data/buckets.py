@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..params import ConfigError
+from ..config.params import ConfigError
 
 Bucket = tuple[int, int]
 

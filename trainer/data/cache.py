@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..devices import compute_dtype
-from ..params import ConfigError
+from ..training.devices import compute_dtype
+from ..config.params import ConfigError
 from .buckets import Bucket, Buckets, make_buckets
 from .images import UnreadableImage, load_image, load_mask, needs_upscale
 from .scan import DATA_KEY, ImageItem, mask_file

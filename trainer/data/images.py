@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..params import ConfigError
+from ..config.params import ConfigError
 from .scan import DATA_KEY
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..devices import compute_dtype
-from ..params import ConfigError
+from ..training.devices import compute_dtype
+from ..config.params import ConfigError
 from .batches import Batch, BucketBatches, collate_samples
 from .buckets import Bucket, Buckets, make_buckets
 from .cache import LatentDataset, LatentEncoder, PendingImage, vae_for_encoding

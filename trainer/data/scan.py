@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..params import ConfigError
+from ..config.params import ConfigError
 
 log = logging.getLogger(__name__)
 

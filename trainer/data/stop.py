@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..events import JobStopped
+from ..training.events import JobStopped
 
 
 class Stopped(JobStopped):

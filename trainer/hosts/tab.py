@@ -35,7 +35,7 @@ def on_ui_tabs() -> list[tuple[Any, str, str]]:
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
-    from ..api import mount, parse_api_auth
+    from ..jobs.api import mount, parse_api_auth
     from .webui import api_auth_setting
 
     if id(app) in _MOUNTED:

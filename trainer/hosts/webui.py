@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..bundle import ModelBundle
-from ..config import TrainConfig
-from ..events import Progress
-from ..params import ConfigError
+from ..families.bundle import ModelBundle
+from ..config.schema import TrainConfig
+from ..training.events import Progress
+from ..config.params import ConfigError
 from . import weights
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class WebUIHost:
 
     # ---- the model ---------------------------------------------------------------------
     def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:
-        from ..models import load_model, load_vae_file
+        from ..families.loading import load_model, load_vae_file
 
         lossy = self._forge_lossy_storage() if self.is_loaded(cfg.model) else None
         if lossy or not self.is_loaded(cfg.model):
@@ -166,7 +166,7 @@ class WebUIHost:
     def _from_memory(self, cfg: TrainConfig, dtype: torch.dtype) -> ModelBundle:
         from modules import shared
 
-        from ..checkpoint import sibling_yaml
+        from ..families.checkpoint import sibling_yaml
 
         model = shared.sd_model
         info = model.sd_checkpoint_info
@@ -195,15 +195,16 @@ class WebUIHost:
         """Prompts through the same text encoder weights, with the host's clip skip."""
         from modules import shared
 
-        from ..textenc import encode_prompts
+        from ..families.textenc import encode_prompts
 
         skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
-        if self.kind == "a1111" and bundle.family != "sd1":
+        family = bundle.family
+        if self.kind == "a1111" and not family.applies_clip_skip:
             skip = 1  # A1111 applies clip skip to SD1 only (SD2 is fixed, SDXL has its own)
-        elif self.kind == "forge" and skip > {"sd1": 99, "sd2": 1, "sdxl": 2}[bundle.family]:
+        elif self.kind == "forge" and skip > family.host_clip_skip_limit:
             # Forge takes hidden_states[-max(n, 1)] for SD2 and [-max(n, 2)] for SDXL; training keeps
             # A1111's fixed layers for those families, so say where the two part.
-            console(f"Forge's clip skip {skip} is not applied to {bundle.family.upper()} training prompts "
+            console(f"Forge's clip skip {skip} is not applied to {family.label} training prompts "
                     "(they use A1111's layers: SD2 the penultimate, SDXL the penultimate of both encoders)")
         return lambda prompts: encode_prompts(bundle, prompts, clip_skip=skip)
 

@@ -14,10 +14,10 @@ from typing import Any, Iterable
 
 import torch
 
-from ..bundle import ModelBundle
-from ..ldm_clip import hf_clip_from_state_dict
-from ..models import load_from_state_dict
-from ..params import ConfigError
+from ..families.bundle import ModelBundle
+from ..families.ldm_clip import hf_clip_from_state_dict
+from ..families.loading import load_from_state_dict
+from ..config.params import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def forge_bundle(sd_model: Any, *, name: str, v_pred: bool | None, original_conf
         tes = [hf_clip_from_state_dict(clip, "clip_h.transformer.", name=name, projection=False)]
     else:
         sd.update(_renamed(clip, "clip_l.transformer.", "conditioner.embedders.0.transformer."))
-        from ..ldm_clip import SDXL_CLIP_L, clip_l_from_ldm
+        from ..families.ldm_clip import SDXL_CLIP_L, clip_l_from_ldm
 
         tes = [clip_l_from_ldm(sd, SDXL_CLIP_L, name=name),
                hf_clip_from_state_dict(clip, "clip_g.transformer.", name=name, projection=True)]

@@ -6,7 +6,7 @@ from .base import Mode, PassInfo, PassSpec, StepContext
 
 def get_mode(name: str) -> Mode:
     """A fresh strategy for a mode name from the schema (one per job: it may cache data between passes)."""
-    from ..params import ConfigError
+    from ..config.params import ConfigError
 
     if name == "LoRA":
         from .lora import LoraMode

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TrainConfig
+from ..config.schema import TrainConfig
 from ..data import TextCache
 from ..data.pairs import PairBatches, PairDataset, check_pair_files, find_pairs, folder_pairs, single_pair
 from .base import (PassInfo, PassSpec, StepContext, batch_time_ids, draw_noise, draw_timesteps, make_loss,
@@ -101,7 +101,11 @@ class AddiftMode:
         base_in, net_in = (targ, orig) if swapped else (orig, targ)
         if swapped and cfg.diff_alt_ratio < 0:
             base_in = net_in = noise
-        add_noise = train_scheduler(ctx).add_noise
+        scheduler, family = train_scheduler(ctx), ctx.bundle.family
+
+        def add_noise(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return family.noisy_input(scheduler, latents, noise, t)
+
         with torch.no_grad(), ctx.network.disabled():
             base = unet_predict(ctx, add_noise(base_in, noise, timesteps), timesteps,
                                 st["text"].get(pb.orig.captions), batch_time_ids(ctx, pb.orig))

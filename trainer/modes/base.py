@@ -13,11 +13,11 @@ from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 
-from ..bundle import ModelBundle
-from ..config import TrainConfig
-from ..events import StopFlag
-from ..losses import DiffusionLoss, sample_timesteps, training_target
-from ..noise import input_perturbation, noise_like
+from ..families.bundle import ModelBundle
+from ..config.schema import TrainConfig
+from ..training.events import StopFlag
+from ..training.losses import DiffusionLoss, sample_timesteps
+from ..training.noise import input_perturbation, noise_like
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,9 @@ class Mode(Protocol):
 
 def unet_predict(ctx: StepContext, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any,
                  time_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """One U-Net forward under the job's autocast; SDXL gets its added conditioning."""
+    """One denoiser forward under the job's autocast, with the family's extra inputs."""
     hidden = cond.hidden.to(ctx.device, ctx.dtype)
-    kwargs: dict[str, Any] = {}
-    if ctx.bundle.is_sdxl:
-        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(ctx.device, ctx.dtype), "time_ids": time_ids}
+    kwargs = ctx.bundle.family.model_kwargs(cond, time_ids, ctx.device, ctx.dtype)
     with ctx.autocast():
         return ctx.bundle.unet(noisy.to(ctx.dtype), timesteps, hidden, return_dict=False, **kwargs)[0]
 
@@ -118,6 +116,11 @@ def train_scheduler(ctx: StepContext) -> Any:
     return cached
 
 
+def repeat_rows(tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A one-row conditioning tensor repeated for the batch; None stays None."""
+    return None if tensor is None else tensor.repeat(batch, 1)
+
+
 def draw_noise(ctx: StepContext, latents: torch.Tensor) -> torch.Tensor:
     """The whole batch's noise with the pass's offset / multires settings, from the pass's generator."""
     cfg = ctx.cfg
@@ -135,13 +138,9 @@ def draw_timesteps(ctx: StepContext, batch: int) -> torch.Tensor:
 
 
 def batch_time_ids(ctx: StepContext, batch: Any) -> torch.Tensor | None:
-    """SDXL's size conditioning for a data Batch; None for SD1/SD2."""
-    if not ctx.bundle.is_sdxl:
-        return None
-    from ..textenc import sdxl_time_ids
-
-    return sdxl_time_ids(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes,
-                         device=ctx.device, dtype=ctx.dtype)
+    """The family's size conditioning for a data Batch (SDXL's time_ids); None when it has none."""
+    return ctx.bundle.family.time_ids(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes,
+                                      device=ctx.device, dtype=ctx.dtype)
 
 
 def denoising_loss(ctx: StepContext, latents: torch.Tensor, cond: Any, time_ids: torch.Tensor | None = None,
@@ -161,9 +160,10 @@ def denoising_loss(ctx: StepContext, latents: torch.Tensor, cond: Any, time_ids:
     latents, noise, input_noise, timesteps, time_ids, mask, cond = take_shard(
         ctx, latents, noise, input_noise, timesteps, time_ids, mask, cond)
     scheduler = train_scheduler(ctx)
-    noisy = scheduler.add_noise(latents, input_noise, timesteps)
+    family = ctx.bundle.family
+    noisy = family.noisy_input(scheduler, latents, input_noise, timesteps)
     pred = unet_predict(ctx, noisy, timesteps, cond, time_ids)
-    target = training_target(scheduler, latents, noise, timesteps, ctx.bundle.v_pred)
+    target = family.target(scheduler, latents, noise, timesteps, ctx.bundle.v_pred)
     loss, _ = ctx.state["loss"](pred.float(), target, timesteps, mask)
     return loss
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TrainConfig
+from ..config.schema import TrainConfig
 from ..data.pairs import PairDataset, check_pair_files, single_pair
-from ..params import ConfigError
-from .base import PassInfo, PassSpec, StepContext, denoising_loss, make_loss
+from ..config.params import ConfigError
+from .base import PassInfo, PassSpec, StepContext, denoising_loss, make_loss, repeat_rows
 
 COPIER, DIFFERENCE = "copier", "difference"
 
@@ -53,13 +53,10 @@ class DifferenceMode:
         sample = self._pair.origs.samples[0] if copier else self._pair.targs[0]
         batch = cfg.train_batch_size
         ctx.state.update(latents=sample.latent[None].repeat(batch, 1, 1, 1).to(ctx.device),
-                         cond=self._cond.repeat(batch).to(ctx.device), loss=make_loss(ctx), time_ids=None)
-        if ctx.bundle.is_sdxl:
-            from ..textenc import sdxl_time_ids
-
-            size = sample.target_size
-            ctx.state["time_ids"] = sdxl_time_ids(sample.original_size, sample.crop_top_left, size,
-                                                  device=ctx.device, dtype=ctx.dtype).repeat(batch, 1)
+                         cond=self._cond.repeat(batch).to(ctx.device), loss=make_loss(ctx),
+                         time_ids=repeat_rows(ctx.bundle.family.time_ids(
+                             sample.original_size, sample.crop_top_left, sample.target_size,
+                             device=ctx.device, dtype=ctx.dtype), batch))
         return PassInfo(num_images=1, resolution=sample.bucket)
 
     def loss(self, ctx: StepContext, step: int) -> torch.Tensor:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TrainConfig
-from ..params import ConfigError
-from .base import PassInfo, PassSpec, StepContext, draw_timesteps, make_loss, unet_predict
+from ..config.schema import TrainConfig
+from ..config.params import ConfigError
+from .base import PassInfo, PassSpec, StepContext, draw_timesteps, make_loss, repeat_rows, unet_predict
 
 
 class IlecoMode:
@@ -43,13 +43,9 @@ class IlecoMode:
         ctx.state.update(
             orig=both[0].repeat(batch).to(ctx.device), targ=both[1].repeat(batch).to(ctx.device),
             shape=(batch, bundle.unet.config.in_channels, height // factor, width // factor),
-            loss=make_loss(ctx), time_ids=None,
+            loss=make_loss(ctx), time_ids=repeat_rows(bundle.family.time_ids(
+                (height, width), (0, 0), (height, width), device=ctx.device, dtype=ctx.dtype), batch),
         )
-        if bundle.is_sdxl:
-            from ..textenc import sdxl_time_ids
-
-            ctx.state["time_ids"] = sdxl_time_ids((height, width), (0, 0), (height, width),
-                                                  device=ctx.device, dtype=ctx.dtype).repeat(batch, 1)
         return PassInfo(num_images=0, resolution=(width, height))
 
     def loss(self, ctx: StepContext, step: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import TrainConfig
+from ..config.schema import TrainConfig
 from .base import PassInfo, PassSpec, StepContext, batch_time_ids, denoising_loss, make_loss, tag_frequency
 
 if TYPE_CHECKING:

@@ -22,9 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """(App, Controller) for the arguments; the demo steps in when no model is found."""
-    from ..config import TrainConfig
-    from ..host import StandaloneHost, model_names
-    from ..presets import load_preset
+    from ..config.schema import TrainConfig
+    from ..hosts.base import StandaloneHost, model_names
+    from ..config.presets import load_preset
     from .app import App
     from .controller import Controller
 

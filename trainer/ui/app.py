@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..config import TrainConfig
+from ..config.schema import TrainConfig
 from ..paths import ROOT
 from .compat import every, make, run_js_on_load
 from .controller import Controller

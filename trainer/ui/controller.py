@@ -9,15 +9,15 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import TrainConfig
-from ..engine import Trainer
-from ..events import Listener, Progress, StopFlag
+from ..config.schema import TrainConfig
+from ..training.engine import Trainer
+from ..training.events import Listener, Progress, StopFlag
 from ..fsutil import unique_path
-from ..jobqueue import JobQueue
-from ..jobs import Job
-from ..params import ConfigError
+from ..jobs.queue import JobQueue
+from ..jobs.journal import Job
+from ..config.params import ConfigError
 from ..paths import cache_dir, jsons_dir, logs_dir, presets_dir
-from ..presets import list_presets, load_preset, read_json, save_preset
+from ..config.presets import list_presets, load_preset, read_json, save_preset
 from . import form
 from .feed import Feed, describe, job_event, queue_rows
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def _listed(field: str, value: str, names: list[str], folders: list[Path]) -> None:
     from ..fsutil import inside
-    from ..host import MODEL_EXTENSIONS
+    from ..hosts.base import MODEL_EXTENSIONS
 
     if not value or value in names:
         return
@@ -90,7 +90,7 @@ class Controller:
         if not p.samples or p.samples == self._seen:
             return
         self._seen = list(p.samples)
-        from ..evalgrid import read_grid_info
+        from ..training.evalgrid import read_grid_info
 
         try:
             grid = len(p.samples) == 1 and read_grid_info(p.samples[0]) is not None
@@ -135,7 +135,7 @@ class Controller:
         lora_dir = Path(self.host.lora_dir())
         for field in ("network_resume", "diff_load_1st_pass"):
             _inside_lora(field, getattr(cfg, field), lora_dir)
-        from ..precheck import precheck
+        from ..jobs.precheck import precheck
 
         return precheck(cfg, lora_dir, self.host)
 
@@ -219,13 +219,13 @@ class Controller:
     # ---- plots and samples ----------------------------------------------------------------
     def current_log(self) -> str | None:
         """The running job's log, else the most recent one, as a name inside logs/."""
-        from ..plot import log_names
+        from ..training.plot import log_names
 
         names = log_names(logs_dir())
         return names[0] if names else None
 
     def save_plot(self, name: str) -> Path:
-        from ..plot import loss_figure, resolve_log, save_png
+        from ..training.plot import loss_figure, resolve_log, save_png
 
         path = resolve_log(name, logs_dir())
         return save_png(loss_figure(path), unique_path(path.with_suffix(".png")))
@@ -240,8 +240,8 @@ class Controller:
 
     def preview(self, cfg: TrainConfig, which: str) -> list:
         """iLECO's "Generate original/target": the base model on one prompt, at the training size."""
-        from ..devices import compute_dtype, pick_device
-        from ..samples import render_samples
+        from ..training.devices import compute_dtype, pick_device
+        from ..training.samples import render_samples
 
         if self.queue.running:
             raise ConfigError("preview", which, "a job is training; previews run when the queue is idle")

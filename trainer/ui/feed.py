@@ -9,8 +9,8 @@ import threading
 import time
 from typing import Any
 
-from ..events import Progress
-from ..jobs import Job
+from ..training.events import Progress
+from ..jobs.journal import Job
 
 QUEUE_HEADERS = ["#", "id", "name", "mode", "state", "progress", "result"]
 KEEP = 50  # events kept; a page more than this far behind shows only the newest

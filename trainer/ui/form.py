@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import SECOND_PASS_FIELDS, SECOND_PASS_KEY, TrainConfig
-from ..params import GROUPS, ConfigError, Param, shown
+from ..config.schema import SECOND_PASS_FIELDS, SECOND_PASS_KEY, TrainConfig
+from ..config.params import GROUPS, ConfigError, Param, shown
 
 FORM_FIELDS: tuple[str, ...] = tuple(name for name, _ in TrainConfig.params())
 PARAMS: dict[str, Param] = dict(TrainConfig.params())

@@ -85,7 +85,7 @@ class PlotTab:
     """Raw and smoothed loss with the learning rate, for the running or a chosen log."""
 
     def __init__(self, ctl: Controller):
-        from ..plot import log_names
+        from ..training.plot import log_names
 
         self.ctl = ctl
         with gr.Row():
@@ -100,8 +100,8 @@ class PlotTab:
         self._shown: tuple[str, float] | None = None  # (log name, its mtime) last drawn
 
     def draw(self, name: str | None) -> list:
-        from ..plot import figure_of, log_names, resolve_log
-        from ..runlog import read_log
+        from ..training.plot import figure_of, log_names, resolve_log
+        from ..training.runlog import read_log
 
         names = log_names(logs_dir())
         name = name or (names[0] if names else None)

@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from ..config import MODES, SECOND_PASS_FIELDS, TrainConfig
-from ..params import ConfigError
+from ..config.schema import MODES, SECOND_PASS_FIELDS, TrainConfig
+from ..config.params import ConfigError
 from . import form, widgets
 from .compat import image_input, image_output, make, on, then_js
 from .controller import Controller

@@ -5,8 +5,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..config import BLOCK_IDS
-from ..params import Param
+from ..config.schema import BLOCK_IDS
+from ..config.params import Param
 from .compat import make
 
 

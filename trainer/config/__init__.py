@@ -1,0 +1,1 @@
+"""The one parameter schema, presets and the options by topic."""

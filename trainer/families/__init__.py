@@ -1,0 +1,48 @@
+"""Model families: one strategy file per family (sd1, sd2, sdxl), one protocol (base.Family).
+
+`get_family` turns a name into the family object the rest of the trainer asks; `detect_family`
+tells a checkpoint's family from its keys. Loading, prompt encoding, block IDs, file keys and
+the sampling pipeline of each family live in this package, and nowhere else.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from .base import Family
+from .sd1 import SD1
+from .sd2 import SD2
+from .sdxl import SDXL
+
+# Families that are not SD U-Nets are asked first (their keys are unambiguous); the SD U-Nets
+# are told apart by checkpoint.detect_unet_family.
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL())}
+
+__all__ = ["FAMILIES", "Family", "detect_family", "family_names", "get_family"]
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(FAMILIES)
+
+
+def get_family(family: str | Family) -> Family:
+    """The family object for a name (a Family passes through)."""
+    if isinstance(family, Family):
+        return family
+    try:
+        return FAMILIES[family]
+    except (KeyError, TypeError):
+        raise ValueError(f"family: expected one of {family_names()}, got {family!r}") from None
+
+
+def detect_family(keys: Iterable[str] | Mapping[str, torch.Tensor], *, name: str = "state dict") -> Family:
+    """The family of a checkpoint (ldm / A1111 keys, or a diffusers U-Net state dict)."""
+    from .checkpoint import detect_unet_family
+
+    state_dict = keys if isinstance(keys, Mapping) else {}
+    key_list = list(keys)
+    for family in FAMILIES.values():
+        if family.claims(key_list, state_dict):
+            return family
+    return FAMILIES[detect_unet_family(state_dict or key_list, name=name)]

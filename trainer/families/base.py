@@ -1,0 +1,120 @@
+"""The model-family protocol: everything the trainer asks a family instead of testing its name.
+
+Modes, the loop, the networks, the UI, the API and the CLI hold a `Family` (``bundle.family``)
+and call it; only the files in this package know what SD1, SD2 or SDXL is. Adding a family is
+one new file with a subclass plus its tests, registered in ``families/__init__.py``.
+
+What a family answers, grouped as the issue of a training job meets them:
+- identity and files: ``name``, ``label``, the text encoders it has, the kohya / modelspec
+  metadata values, whether LoRA files name its denoiser in the original-model layout;
+- loading: claims a state dict's keys (``claims``), builds a bundle from a state dict, a
+  diffusers folder, or a host's weights (``families.loading`` holds the shared U-Net loaders);
+- conditioning: prompt encoding (``encode_prompts``), extra model inputs (``time_ids``,
+  ``model_kwargs``);
+- the objective: noisy model input and training target (epsilon, v, flow);
+- block IDs for block selection, per-block rates and ranks (``block_ids``, ``block_id``,
+  ``selector``);
+- sampling: the diffusers pipeline for samples, previews and the evaluation grid.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
+    from .textenc import Cond
+
+
+class Family:
+    """Base class of the model families. Subclasses set the class attributes and override methods."""
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    text_encoder_count: ClassVar[int] = 1
+    pad_tokens: ClassVar[tuple[str, ...]] = ("<|endoftext|>",)
+    vae_scale: ClassVar[float] = 0.18215
+    model_version: ClassVar[str] = ""          # kohya's ss_base_model_version
+    modelspec_arch: ClassVar[str] = ""         # modelspec.architecture, before "/lora"
+    implementation: ClassVar[str] = "diffusers"  # modelspec.implementation
+    ldm_unet_keys: ClassVar[bool] = False      # LoRA files name denoiser modules in the original layout
+    v_pred_detectable: ClassVar[bool] = False  # A1111's output test tells v-prediction apart
+    host_clip_skip_limit: ClassVar[int] = 99   # the highest clip skip a WebUI applies to this family
+    applies_clip_skip: ClassVar[bool] = False  # A1111's CLIP skip applies (SD1 only)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # identity and metadata ------------------------------------------------------------
+    def architecture(self, v_pred: bool) -> str:
+        """modelspec.architecture without the network suffix."""
+        return self.modelspec_arch
+
+    def metadata(self, bundle: ModelBundle) -> dict[str, str]:
+        """The base-model values of kohya's and modelspec's metadata for a file trained on `bundle`."""
+        return {"ss_base_model_version": self.model_version, "ss_v2": "False",
+                "ss_v_parameterization": str(bool(bundle.v_pred)),
+                "modelspec.implementation": self.implementation}
+
+    # loading -----------------------------------------------------------------------------
+    @classmethod
+    def claims(cls, keys: Iterable[str], state_dict: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a checkpoint's keys belong to this family (only families that are not SD U-Nets)."""
+        return False
+
+    # conditioning ---------------------------------------------------------------------------
+    def encode_prompts(self, bundle: ModelBundle, prompts: list[str], *, clip_skip: int,
+                       grad: bool) -> Cond:
+        raise NotImplementedError(f"{self.name}: prompt encoding")
+
+    def time_ids(self, original_hw: Any, crop_top_left: Any, target_hw: Any, *,
+                 device: torch.device | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Size conditioning the denoiser takes besides the prompt; None when it takes none."""
+        return None
+
+    def model_kwargs(self, cond: Cond, time_ids: torch.Tensor | None, device: torch.device,
+                     dtype: torch.dtype) -> dict[str, Any]:
+        """Extra keyword arguments of one denoiser forward."""
+        return {}
+
+    # the objective -----------------------------------------------------------------------------
+    def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+        """The denoiser's input at `timesteps` for clean `latents` and `noise`."""
+        raise NotImplementedError(f"{self.name}: noising")
+
+    def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+               v_pred: bool) -> torch.Tensor:
+        """What the denoiser is trained to predict (epsilon, v or the flow)."""
+        raise NotImplementedError(f"{self.name}: training target")
+
+    # blocks ------------------------------------------------------------------------------------
+    def block_ids(self) -> tuple[str, ...]:
+        """The block IDs this family's denoiser has, in order (BASE not included)."""
+        raise NotImplementedError(f"{self.name}: block IDs")
+
+    def block_id(self, module_name: str) -> str | None:
+        """The block ID of a denoiser module path, or None when it lies in no single block."""
+        raise NotImplementedError(f"{self.name}: block IDs")
+
+    def selector(self, blocks: Iterable[str], element: str) -> Callable[[str], bool]:
+        """A predicate over denoiser module paths: does a network with these settings cover it?"""
+        raise NotImplementedError(f"{self.name}: block selection")
+
+    # sampling ------------------------------------------------------------------------------------
+    def sampling_scheduler(self, noise_scheduler: Any, sampler: str) -> Any:
+        """The scheduler samples are drawn with, made from the training schedule; `sampler` is one of
+        samples.SAMPLERS."""
+        raise NotImplementedError(f"{self.name}: sampling scheduler")
+
+    def pipeline(self, bundle: ModelBundle, scheduler: Any) -> Any:
+        """A diffusers pipeline over the bundle's own modules (no copies)."""
+        raise NotImplementedError(f"{self.name}: sampling pipeline")
+
+    def pipeline_embeds(self, cond: Cond) -> dict[str, Any]:
+        """Pipeline keyword arguments for a [prompt, negative] conditioning pair."""
+        return {"prompt_embeds": cond.hidden[:1], "negative_prompt_embeds": cond.hidden[1:]}

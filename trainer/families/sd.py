@@ -1,0 +1,63 @@
+"""What the Stable Diffusion U-Net families (SD1, SD2, SDXL) share: DDPM noising, epsilon or v
+targets, the TrainTrain block IDs of the ldm U-Net, CLIP prompt encoding and diffusers' SD pipelines."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+import torch
+
+from . import blocks
+from .base import Family
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
+    from .textenc import Cond
+
+
+class UNetFamily(Family):
+    """A Stable Diffusion U-Net family; subclasses set the sizes and the text side."""
+
+    unet_levels: ClassVar[int] = 4
+
+    def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+        return scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+               v_pred: bool) -> torch.Tensor:
+        from ..training.losses import training_target
+
+        return training_target(scheduler, latents, noise, timesteps, v_pred)
+
+    def block_ids(self) -> tuple[str, ...]:
+        return blocks.family_block_ids(self.unet_levels)
+
+    def block_id(self, module_name: str) -> str | None:
+        return blocks.block_id(self.unet_levels, module_name)
+
+    def selector(self, wanted: Iterable[str], element: str) -> Callable[[str], bool]:
+        return blocks.unet_selector(self.unet_levels, wanted, element)
+
+    def encode_prompts(self, bundle: ModelBundle, prompts: list[str], *, clip_skip: int,
+                       grad: bool) -> Cond:
+        from .textenc import encode_single
+
+        return encode_single(bundle, prompts, clip_skip=clip_skip if self.applies_clip_skip else 1)
+
+    def sampling_scheduler(self, noise_scheduler: Any, sampler: str) -> Any:
+        """DDIM or Euler from the training schedule's config, so the betas and the prediction type
+        (v-prediction) are the ones the network is trained against."""
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+        # SD's own inference settings; steps_offset=1 also keeps the pipelines from rewriting the config
+        if sampler == "ddim":
+            return DDIMScheduler.from_config(noise_scheduler.config, steps_offset=1, clip_sample=False,
+                                             set_alpha_to_one=False)
+        return EulerDiscreteScheduler.from_config(noise_scheduler.config, steps_offset=1)
+
+    def pipeline(self, bundle: ModelBundle, scheduler: Any) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0],
+                                       tokenizer=bundle.tokenizers[0], unet=bundle.unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)

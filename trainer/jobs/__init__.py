@@ -1,0 +1,1 @@
+"""The persistent queue, its journal, the pre-checks and the REST API."""

@@ -1,0 +1,1 @@
+"""LyCORIS networks: building, parameter groups, block control, files and metadata."""

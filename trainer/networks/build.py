@@ -1,0 +1,272 @@
+"""Building a LyCORIS network (lycoris-lora's kohya flavour) for one ModelBundle.
+
+LyCORIS keeps its targets in class attributes of LycorisNetworkKohya, so a
+build sets them, constructs, and puts the previous values back, all under one
+lock. Block and element filters go through LyCORIS's own ``is_excluded`` hook
+(a predicate per module path) rather than thousands of exclude regexes.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import torch
+from lycoris.kohya import LycorisNetworkKohya
+from lycoris.logging import logger as lycoris_logger
+
+from ..config.params import ConfigError
+
+if TYPE_CHECKING:
+    from ..families.base import Family
+
+ALGOS = {"lierla": "lora", "c3lier": "locon", "loha": "loha", "lokr": "lokr"}
+TRANSFORMER_TARGETS = ("Transformer2DModel",)
+CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+# conv_in, conv_out and time_embedding are never targets: diffusers 0.31 drops
+# their keys on load (only an "unexpected keys" warning), so files would not
+# round-trip. They are not inside any targeted class, and no names are targeted.
+_PRESET_ATTRS = (
+    "ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+    "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
+    "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME",
+)
+_BUILD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What to build, resolved from a TrainConfig."""
+
+    network_type: str
+    rank: int
+    alpha: float
+    conv_rank: int
+    conv_alpha: float
+    dora: bool
+    blocks: tuple[str, ...]
+    element: str
+    train_text_encoder: bool
+    block_dims: tuple[tuple[str, int], ...] = ()  # (block ID, rank) where it differs from `rank`
+    dora_on_output: bool = False  # DoRA magnitude per output channel instead of per input channel
+
+    @property
+    def algo(self) -> str:
+        return ALGOS[self.network_type]
+
+    @property
+    def trains_convs(self) -> bool:
+        """lierla covers Linear and 1x1 conv layers only; the others add 3x3 convs."""
+        return self.network_type != "lierla"
+
+    @property
+    def bypass(self) -> bool:
+        # LyCORIS's bypass forward skips the DoRA rescale, so DoRA rebuilds weights.
+        return not self.dora
+
+    @property
+    def with_text_encoder(self) -> bool:
+        return self.train_text_encoder and self.element == "Full"
+
+    @classmethod
+    def from_config(cls, cfg, train_text_encoder: bool | None = None) -> "NetworkSpec":
+        if cfg.network_type not in ALGOS:
+            raise ConfigError("network_type", cfg.network_type, f"expected one of {', '.join(ALGOS)}")
+        if cfg.network_dora and cfg.network_type not in ("lierla", "c3lier"):
+            raise ConfigError("network_dora", True, f"DoRA works with lierla and c3lier, not {cfg.network_type}")
+        from .blockctl import block_dims
+
+        te = cfg.trains_text_encoder if train_text_encoder is None else bool(train_text_encoder)
+        dims = tuple(sorted((b, d) for b, d in block_dims(cfg).items() if d != int(cfg.network_rank)))
+        return cls(
+            network_type=cfg.network_type, rank=int(cfg.network_rank), alpha=float(cfg.network_alpha),
+            conv_rank=int(cfg.network_conv_rank or cfg.network_rank),
+            conv_alpha=float(cfg.network_conv_alpha or cfg.network_alpha),
+            dora=bool(cfg.network_dora), blocks=tuple(cfg.network_blocks),
+            element=cfg.network_element, train_text_encoder=te, block_dims=dims,
+            dora_on_output=bool(cfg.network_dora_on_output),
+        )
+
+    def rank_groups(self) -> list["NetworkSpec"]:
+        """One spec per distinct rank, each covering its blocks; the first holds the rest.
+
+        Alpha keeps the alpha/rank ratio of the base settings, so a block's
+        update has the same scale whatever its rank.
+        """
+        by_dim: dict[int, list[str]] = {}
+        for bid, dim in self.block_dims:
+            if bid in self.blocks:
+                by_dim.setdefault(dim, []).append(bid)
+        moved = {b for group in by_dim.values() for b in group}
+        base = replace(self, blocks=tuple(b for b in self.blocks if b not in moved), block_dims=(),
+                       train_text_encoder=self.train_text_encoder and "BASE" not in moved)
+        specs = [base]
+        for dim, blocks in sorted(by_dim.items()):
+            specs.append(replace(
+                base, blocks=tuple(blocks), train_text_encoder=self.train_text_encoder and "BASE" in blocks,
+                rank=dim, alpha=self.alpha * dim / self.rank,
+                conv_rank=dim, conv_alpha=self.conv_alpha * dim / self.conv_rank))
+        return specs
+
+
+def text_encoder_root(te: torch.nn.Module) -> torch.nn.Module:
+    """A module whose paths start with ``text_model.`` whatever the transformers version.
+
+    transformers 5's CLIPTextModel has no ``.text_model`` level; a holder adds it
+    back so the kohya names stay ``lora_te_text_model_...``. The holder only
+    references `te`; nothing in `te` changes.
+    """
+    if isinstance(getattr(te, "text_model", None), torch.nn.Module):
+        return te
+    holder = torch.nn.Module()
+    holder.add_module("text_model", te)
+    return holder
+
+
+def text_encoder_targets(text_encoders: list[torch.nn.Module]) -> list[str]:
+    """CLIP attention and MLP class names present in these encoders (CLIPAttention,
+    CLIPSdpaAttention… depending on the installed transformers)."""
+    names = set()
+    for te in text_encoders:
+        for module in te.modules():
+            cls = type(module).__name__
+            if cls == "CLIPMLP" or (cls.startswith("CLIP") and cls.endswith(("Attention", "Attention2"))):
+                names.add(cls)
+    return sorted(names)
+
+
+class _FilteredKohyaNetwork(LycorisNetworkKohya):
+    """LycorisNetworkKohya that asks a predicate which module paths to leave out."""
+
+    def __init__(self, *args, skip: Callable[[str], bool], **kwargs):
+        # LyCORIS walks the model inside __init__, before nn.Module state exists.
+        object.__setattr__(self, "_skip", skip)
+        super().__init__(*args, **kwargs)
+
+    def is_excluded(self, name: str, *args) -> bool:
+        return self._skip(name) or super().is_excluded(name, *args)
+
+
+@contextmanager
+def quiet_lycoris() -> Iterator[None]:
+    """LyCORIS logs every build step at INFO straight to stdout; keep its warnings only."""
+    level = lycoris_logger.level
+    lycoris_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        lycoris_logger.setLevel(level)
+
+
+@contextmanager
+def _lycoris_preset(preset: dict) -> Iterator[None]:
+    """Apply a preset to LycorisNetworkKohya's class state, restore it afterwards."""
+    with _BUILD_LOCK, quiet_lycoris():
+        saved = {a: getattr(LycorisNetworkKohya, a) for a in _PRESET_ATTRS}
+        try:
+            LycorisNetworkKohya.apply_preset(preset)
+            yield
+        finally:
+            for attr, value in saved.items():
+                setattr(LycorisNetworkKohya, attr, value)
+
+
+def _skip_fn(family: Family, spec: NetworkSpec) -> Callable[[str], bool]:
+    keep_unet = family.selector(spec.blocks, spec.element)
+
+    def skip(name: str) -> bool:
+        if name == "text_model" or name.startswith("text_model."):
+            return False  # text-encoder paths: whole encoders are in or out
+        return not keep_unet(name)
+
+    return skip
+
+
+def create_lycoris(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
+    """Construct (not yet applied) the LyCORIS network for `bundle`.
+
+    Blocks with their own rank are built as separate networks of that rank
+    whose modules then join the first one: kohya files keep per-module shapes,
+    so the result saves and loads like any other network.
+    """
+    specs = spec.rank_groups()
+    preset = _preset_for(bundle, spec)
+    with _lycoris_preset(preset):
+        nets = [_construct(bundle, s) for s in specs]
+    main = nets[0]
+    if len(nets) > 1:
+        order = {"lora_unet_" + n.replace(".", "_"): i for i, (n, _) in enumerate(bundle.unet.named_modules())}
+        main.text_encoder_loras = [m for net in nets for m in net.text_encoder_loras]
+        main.unet_loras = sorted((m for net in nets for m in net.unet_loras), key=lambda m: order[m.lora_name])
+        main.loras = main.text_encoder_loras + main.unet_loras
+    return main
+
+
+def _preset_for(bundle, spec: NetworkSpec) -> dict:
+    return {
+        "enable_conv": spec.trains_convs,
+        "unet_target_module": list(TRANSFORMER_TARGETS + (CONV_TARGETS if spec.trains_convs else ())),
+        "unet_target_name": [],
+        "text_encoder_target_module": text_encoder_targets(bundle.text_encoders) if spec.with_text_encoder else [],
+        "text_encoder_target_name": [],
+        "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False, "exclude_name": [],
+    }
+
+
+def _construct(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
+    """One LyCORIS network at one rank."""
+    tes = [text_encoder_root(te) for te in bundle.text_encoders] if spec.with_text_encoder else []
+    # One encoder gives lora_te_*, a list gives lora_te1_*/lora_te2_* (SDXL).
+    te_arg = (tes if len(tes) > 1 else tes[0]) if tes else None
+    return _FilteredKohyaNetwork(
+        te_arg, bundle.unet, skip=_skip_fn(bundle.family, spec),
+        multiplier=1.0, lora_dim=spec.rank, alpha=spec.alpha,
+        conv_lora_dim=spec.conv_rank if spec.trains_convs else 0, conv_alpha=spec.conv_alpha,
+        network_module=spec.algo, weight_decompose=spec.dora,
+        # Per input channel by default: the only axis A1111 1.10 applies (Forge and ComfyUI read both).
+        wd_on_out=spec.dora_on_output,
+        bypass_mode=spec.bypass, warn_on_unmatched=False,
+    )
+
+
+def skip_unit_scalar(lyco: LycorisNetworkKohya) -> int:
+    """Leave out the multiply by a constant 1 in each LoCon module's bypass forward; returns how many.
+
+    LyCORIS's LoCon bypass forward returns ``bypass_diff(x) * scalar``, where ``scalar`` is a
+    fixed 1 unless the module learns it: one elementwise multiply on the activations, and its
+    backward, per module and step, that changes no value (x * 1.0 is exact). Where the module
+    is a plain LoRA/LoCon (no tucker, DoRA, rank dropout, dropout or learned scalar) its diff is
+    LyCORIS's own ``bypass_diff`` alone; weights, names and files are untouched.
+    """
+    from lycoris.functional.locon import bypass_forward_diff as bypass_diff
+    from lycoris.modules.locon import LoConModule
+
+    count = 0
+    for module in lyco.loras:
+        if type(module) is not LoConModule or not getattr(module, "bypass_mode", False):
+            continue
+        if module.tucker or module.wd or module.rank_dropout or not isinstance(module.dropout, torch.nn.Identity):
+            continue
+        scalar = module.scalar
+        if isinstance(scalar, torch.nn.Parameter) or scalar.numel() != 1 or float(scalar) != 1.0:
+            continue
+        module.bypass_forward_diff = _plain_diff(module, bypass_diff)
+        count += 1
+    return count
+
+
+def _plain_diff(module, bypass_diff: Callable) -> Callable:
+    """The module's bypass diff without the unit-scalar multiply (same arguments as LyCORIS passes)."""
+    down, up = module.lora_down, module.lora_up
+    extra = ({"stride": down.stride, "padding": down.padding, "dilation": down.dilation, "groups": down.groups}
+             if module.isconv else {})
+
+    def diff(x: torch.Tensor, scale: float = 1) -> torch.Tensor:
+        return bypass_diff(x, None, down.weight.to(x), up.weight.to(x), None,
+                           gamma=module.scale * scale, extra_args=extra)
+
+    return diff
