@@ -9,9 +9,9 @@ What a family answers, grouped as the issue of a training job meets them:
   metadata values, whether LoRA files name its denoiser in the original-model layout;
 - loading: claims a state dict's keys (``claims``), builds a bundle from a state dict, a
   diffusers folder, or a host's weights (``families.loading`` holds the shared U-Net loaders);
-- conditioning: prompt encoding (``encode_prompts``), extra model inputs (``time_ids``,
-  ``model_kwargs``);
-- the objective: noisy model input and training target (epsilon, v, flow);
+- conditioning: prompt encoding (``encode_prompts``), size conditioning (``time_ids``);
+- the objective: timestep sampling, noisy model input, the denoiser forward, the training
+  target (epsilon, v, flow) and the loss; ``check`` refuses settings the family cannot use;
 - block IDs for block selection, per-block rates and ranks (``block_ids``, ``block_id``,
   ``selector``);
 - sampling: the diffusers pipeline for samples, previews and the evaluation grid.
@@ -76,12 +76,30 @@ class Family:
         """Size conditioning the denoiser takes besides the prompt; None when it takes none."""
         return None
 
-    def model_kwargs(self, cond: Cond, time_ids: torch.Tensor | None, device: torch.device,
-                     dtype: torch.dtype) -> dict[str, Any]:
-        """Extra keyword arguments of one denoiser forward."""
-        return {}
+    def denoise(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
+                time_ids: torch.Tensor | None, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One denoiser forward on latents shaped as the VAE makes them; returns the prediction the
+        training target is compared with (same shape as `noisy`)."""
+        raise NotImplementedError(f"{self.name}: denoiser forward")
+
+    def latent_channels(self, bundle: ModelBundle) -> int:
+        """Channels of the VAE latents the denoiser takes (before any patching)."""
+        return int(bundle.vae.config.latent_channels)
+
+    def check(self, cfg: Any) -> None:
+        """Refuse, with a ConfigError naming the key, settings this family cannot train with."""
 
     # the objective -----------------------------------------------------------------------------
+    def sample_timesteps(self, cfg: Any, batch: int, latent_shape: tuple[int, ...], *,
+                         generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """The timesteps of one step's batch, in the convention `noisy_input`, `denoise` and the
+        loss of this family share."""
+        raise NotImplementedError(f"{self.name}: timestep sampling")
+
+    def make_loss(self, cfg: Any, scheduler: Any, *, v_pred: bool, device: torch.device) -> Any:
+        """The loss: called as loss(pred, target, timesteps, mask) -> (scalar, per-sample [B])."""
+        raise NotImplementedError(f"{self.name}: loss")
+
     def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's input at `timesteps` for clean `latents` and `noise`."""

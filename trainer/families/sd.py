@@ -19,6 +19,37 @@ class UNetFamily(Family):
 
     unet_levels: ClassVar[int] = 4
 
+    def sample_timesteps(self, cfg: Any, batch: int, latent_shape: tuple[int, ...], *,
+                         generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Integer DDPM timesteps in [train_min_timesteps, train_max_timesteps)."""
+        from ..training.losses import sample_timesteps
+
+        return sample_timesteps(batch, cfg.train_min_timesteps, cfg.train_max_timesteps,
+                                same_in_batch=cfg.train_fixed_timsteps_in_batch, generator=generator,
+                                device=device)
+
+    def make_loss(self, cfg: Any, scheduler: Any, *, v_pred: bool, device: torch.device) -> Any:
+        """Kind, Huber schedule, min-SNR and debiased weights over the DDPM schedule."""
+        from ..training.losses import DiffusionLoss
+
+        return DiffusionLoss(cfg.train_loss_function, scheduler.alphas_cumprod, snr_gamma=cfg.train_snr_gamma,
+                             v_pred=v_pred, device=device, debiased=cfg.train_debiased_estimation,
+                             c=cfg.huber_c, schedule=cfg.huber_schedule)
+
+    def denoise(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
+                time_ids: torch.Tensor | None, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        hidden = cond.hidden.to(device, dtype)
+        kwargs = self.model_kwargs(cond, time_ids, device, dtype)
+        return bundle.unet(noisy.to(dtype), timesteps, hidden, return_dict=False, **kwargs)[0]
+
+    def model_kwargs(self, cond: Cond, time_ids: torch.Tensor | None, device: torch.device,
+                     dtype: torch.dtype) -> dict[str, Any]:
+        """Extra keyword arguments of one U-Net forward (SDXL's added conditioning)."""
+        return {}
+
+    def latent_channels(self, bundle: ModelBundle) -> int:
+        return int(bundle.unet.config.in_channels)
+
     def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
         return scheduler.add_noise(latents, noise, timesteps)

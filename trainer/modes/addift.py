@@ -96,7 +96,7 @@ class AddiftMode:
         orig = pb.orig.latents.to(ctx.device, torch.float32)
         targ = pb.targ.latents.to(ctx.device, torch.float32)
         noise = draw_noise(ctx, orig)
-        timesteps = draw_timesteps(ctx, orig.shape[0])
+        timesteps = draw_timesteps(ctx, orig)
         swapped = swapped_step(step, cfg.diff_alt_ratio)
         base_in, net_in = (targ, orig) if swapped else (orig, targ)
         if swapped and cfg.diff_alt_ratio < 0:

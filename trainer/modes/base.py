@@ -16,7 +16,7 @@ import torch
 from ..families.bundle import ModelBundle
 from ..config.schema import TrainConfig
 from ..training.events import StopFlag
-from ..training.losses import DiffusionLoss, sample_timesteps
+from ..training.losses import DiffusionLoss
 from ..training.noise import input_perturbation, noise_like
 
 log = logging.getLogger(__name__)
@@ -87,19 +87,15 @@ class Mode(Protocol):
 
 def unet_predict(ctx: StepContext, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any,
                  time_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """One denoiser forward under the job's autocast, with the family's extra inputs."""
-    hidden = cond.hidden.to(ctx.device, ctx.dtype)
-    kwargs = ctx.bundle.family.model_kwargs(cond, time_ids, ctx.device, ctx.dtype)
+    """One denoiser forward under the job's autocast, as the model's family runs it."""
     with ctx.autocast():
-        return ctx.bundle.unet(noisy.to(ctx.dtype), timesteps, hidden, return_dict=False, **kwargs)[0]
+        return ctx.bundle.family.denoise(ctx.bundle, noisy, timesteps, cond, time_ids, device=ctx.device,
+                                         dtype=ctx.dtype)
 
 
 def make_loss(ctx: StepContext) -> DiffusionLoss:
     """The pass's loss function (kind, Huber schedule, min-SNR and debiased weights) on the training device."""
-    cfg = ctx.cfg
-    return DiffusionLoss(cfg.train_loss_function, train_scheduler(ctx).alphas_cumprod,
-                         snr_gamma=cfg.train_snr_gamma, v_pred=ctx.bundle.v_pred, device=ctx.device,
-                         debiased=cfg.train_debiased_estimation, c=cfg.huber_c, schedule=cfg.huber_schedule)
+    return ctx.bundle.family.make_loss(ctx.cfg, train_scheduler(ctx), v_pred=ctx.bundle.v_pred, device=ctx.device)
 
 
 def train_scheduler(ctx: StepContext) -> Any:
@@ -129,12 +125,10 @@ def draw_noise(ctx: StepContext, latents: torch.Tensor) -> torch.Tensor:
                       multires_discount=cfg.multires_noise_discount, generator=ctx.generator)
 
 
-def draw_timesteps(ctx: StepContext, batch: int) -> torch.Tensor:
-    """Timesteps in [train_min_timesteps, train_max_timesteps) from the pass's generator."""
-    cfg = ctx.cfg
-    return sample_timesteps(batch, cfg.train_min_timesteps, cfg.train_max_timesteps,
-                            same_in_batch=cfg.train_fixed_timsteps_in_batch, generator=ctx.generator,
-                            device=ctx.device)
+def draw_timesteps(ctx: StepContext, latents: torch.Tensor) -> torch.Tensor:
+    """The family's timesteps for a batch shaped like `latents`, from the pass's generator."""
+    return ctx.bundle.family.sample_timesteps(ctx.cfg, latents.shape[0], tuple(latents.shape),
+                                              generator=ctx.generator, device=ctx.device)
 
 
 def batch_time_ids(ctx: StepContext, batch: Any) -> torch.Tensor | None:
@@ -151,7 +145,7 @@ def denoising_loss(ctx: StepContext, latents: torch.Tensor, cond: Any, time_ids:
     while the target stays the original noise (or the velocity made from it)."""
     cfg = ctx.cfg
     noise = draw_noise(ctx, latents)
-    timesteps = draw_timesteps(ctx, latents.shape[0])
+    timesteps = draw_timesteps(ctx, latents)
     input_noise = noise
     if cfg.ip_noise_gamma > 0:
         input_noise = noise + input_perturbation(noise, cfg.ip_noise_gamma, generator=ctx.generator,

@@ -42,7 +42,7 @@ class IlecoMode:
         factor = bundle.vae_factor
         ctx.state.update(
             orig=both[0].repeat(batch).to(ctx.device), targ=both[1].repeat(batch).to(ctx.device),
-            shape=(batch, bundle.unet.config.in_channels, height // factor, width // factor),
+            shape=(batch, bundle.family.latent_channels(bundle), height // factor, width // factor),
             loss=make_loss(ctx), time_ids=repeat_rows(bundle.family.time_ids(
                 (height, width), (0, 0), (height, width), device=ctx.device, dtype=ctx.dtype), batch),
         )
@@ -51,7 +51,7 @@ class IlecoMode:
     def loss(self, ctx: StepContext, step: int) -> torch.Tensor:
         st = ctx.state
         z = torch.randn(st["shape"], generator=ctx.generator, device=ctx.generator.device).to(ctx.device)
-        timesteps = draw_timesteps(ctx, z.shape[0])
+        timesteps = draw_timesteps(ctx, z)
         with torch.no_grad(), ctx.network.disabled():
             base = unet_predict(ctx, z, timesteps, st["targ"], st["time_ids"])
         pred = unet_predict(ctx, z, timesteps, st["orig"], st["time_ids"])

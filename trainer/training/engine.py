@@ -119,6 +119,8 @@ class Trainer:
                     started: float, result: RunResult) -> None:
         model_dtype = devices.compute_dtype(self.cfg.train_model_precision, self.device)
         bundle = self.host.load_bundle(self.cfg, dtype=model_dtype, device=self.device)
+        for spec in specs:  # settings the model's family cannot train with fail before any caching
+            bundle.family.check(spec.cfg)
         trains_on = bundle.extra.get("trains_on", "")  # a host says which model and from where
         if trains_on:
             self.emit(message=trains_on)
