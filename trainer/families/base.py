@@ -89,6 +89,39 @@ class Family:
     def check(self, cfg: Any) -> None:
         """Refuse, with a ConfigError naming the key, settings this family cannot train with."""
 
+    def prepare(self, bundle: ModelBundle, cfg: Any) -> None:
+        """Take a pass's settings that prompt encoding, the forward and sampling need
+        (kept in ``bundle.extra``, so each job sets its own)."""
+
+    def latent_multiple(self, bundle: ModelBundle) -> int:
+        """Pixel sizes must be multiples of this for the denoiser to accept them."""
+        return bundle.vae_factor
+
+    def native_size(self, bundle: ModelBundle) -> int:
+        """The side in pixels the model was trained at."""
+        raise NotImplementedError(f"{self.name}: native size")
+
+    # networks and files --------------------------------------------------------------------------
+    def network_targets(self, trains_convs: bool) -> list[str]:
+        """Class names of the denoiser modules LyCORIS wraps."""
+        raise NotImplementedError(f"{self.name}: network targets")
+
+    def network_text_encoders(self, bundle: ModelBundle) -> list[torch.nn.Module]:
+        """The text encoders a network may train (all of them unless the family says otherwise)."""
+        return list(bundle.text_encoders)
+
+    def file_names(self, bundle: ModelBundle, lora_names: list[str]) -> dict[str, str]:
+        """In-memory module name -> the name files use, where they differ."""
+        return {}
+
+    def to_file(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A network state dict (after `file_names`) in the layout files hold."""
+        return state_dict
+
+    def from_file(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of `to_file`."""
+        return state_dict
+
     # the objective -----------------------------------------------------------------------------
     def sample_timesteps(self, cfg: Any, batch: int, latent_shape: tuple[int, ...], *,
                          generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -132,6 +165,10 @@ class Family:
     def pipeline(self, bundle: ModelBundle, scheduler: Any) -> Any:
         """A diffusers pipeline over the bundle's own modules (no copies)."""
         raise NotImplementedError(f"{self.name}: sampling pipeline")
+
+    def pipeline_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's output_type="latent" result as [B, C, H/8, W/8] latents."""
+        return latents
 
     def pipeline_embeds(self, cond: Cond) -> dict[str, Any]:
         """Pipeline keyword arguments for a [prompt, negative] conditioning pair."""

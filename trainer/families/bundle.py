@@ -60,9 +60,8 @@ class ModelBundle:
 
     @property
     def latent_multiple(self) -> int:
-        """Pixel sizes must be multiples of this for the U-Net to accept them."""
-        unet_factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        return self.vae_factor * unet_factor
+        """Pixel sizes must be multiples of this for the denoiser to accept them."""
+        return self.family.latent_multiple(self)
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae, *self.text_encoders]

@@ -9,6 +9,9 @@ import torch
 from . import blocks
 from .base import Family
 
+TRANSFORMER_TARGETS = ("Transformer2DModel",)
+CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+
 if TYPE_CHECKING:
     from .bundle import ModelBundle
     from .textenc import Cond
@@ -49,6 +52,22 @@ class UNetFamily(Family):
 
     def latent_channels(self, bundle: ModelBundle) -> int:
         return int(bundle.unet.config.in_channels)
+
+    def latent_multiple(self, bundle: ModelBundle) -> int:
+        return bundle.vae_factor * 2 ** (len(bundle.unet.config.block_out_channels) - 1)
+
+    def native_size(self, bundle: ModelBundle) -> int:
+        return int(bundle.unet.config.sample_size) * bundle.vae_factor
+
+    def network_targets(self, trains_convs: bool) -> list[str]:
+        return list(TRANSFORMER_TARGETS + (CONV_TARGETS if trains_convs else ()))
+
+    def file_names(self, bundle: ModelBundle, lora_names: list[str]) -> dict[str, str]:
+        if not self.ldm_unet_keys:
+            return {}
+        from .ldm_names import kohya_unet_renames
+
+        return kohya_unet_renames(bundle.unet, lora_names)
 
     def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from ..families.base import Family
 
 ALGOS = {"lierla": "lora", "c3lier": "locon", "loha": "loha", "lokr": "lokr"}
-TRANSFORMER_TARGETS = ("Transformer2DModel",)
-CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 # conv_in, conv_out and time_embedding are never targets: diffusers 0.31 drops
 # their keys on load (only an "unexpected keys" warning), so files would not
 # round-trip. They are not inside any targeted class, and no names are targeted.
@@ -209,9 +207,10 @@ def create_lycoris(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
 def _preset_for(bundle, spec: NetworkSpec) -> dict:
     return {
         "enable_conv": spec.trains_convs,
-        "unet_target_module": list(TRANSFORMER_TARGETS + (CONV_TARGETS if spec.trains_convs else ())),
+        "unet_target_module": bundle.family.network_targets(spec.trains_convs),
         "unet_target_name": [],
-        "text_encoder_target_module": text_encoder_targets(bundle.text_encoders) if spec.with_text_encoder else [],
+        "text_encoder_target_module": (text_encoder_targets(bundle.family.network_text_encoders(bundle))
+                                       if spec.with_text_encoder else []),
         "text_encoder_target_name": [],
         "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False, "exclude_name": [],
     }
@@ -219,7 +218,8 @@ def _preset_for(bundle, spec: NetworkSpec) -> dict:
 
 def _construct(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
     """One LyCORIS network at one rank."""
-    tes = [text_encoder_root(te) for te in bundle.text_encoders] if spec.with_text_encoder else []
+    tes = ([text_encoder_root(te) for te in bundle.family.network_text_encoders(bundle)]
+           if spec.with_text_encoder else [])
     # One encoder gives lora_te_*, a list gives lora_te1_*/lora_te2_* (SDXL).
     te_arg = (tes if len(tes) > 1 else tes[0]) if tes else None
     return _FilteredKohyaNetwork(

@@ -20,7 +20,6 @@ from torch import Tensor
 from ..families.blocks import block_id
 from ..training.devices import DTYPES
 from ..fsutil import atomic_path
-from ..families.ldm_names import kohya_unet_renames
 from .metadata import STRENGTH_KEY, build_metadata
 from .build import NetworkSpec, create_lycoris, quiet_lycoris, skip_unit_scalar
 from .file import check_resume, scale_strength
@@ -87,8 +86,7 @@ class Network:
             # Parameters only: alpha buffers stay fp32 so alpha/rank is exact in the file.
             for param in lyco.parameters():
                 param.data = param.data.to(dtype)
-        renames = (kohya_unet_renames(bundle.unet, [m.lora_name for m in lyco.unet_loras])
-                   if bundle.ldm_unet_keys else {})
+        renames = bundle.family.file_names(bundle, [m.lora_name for m in lyco.unet_loras])
         net = cls(lyco, spec, bundle.family, GroupPlan.from_config(cfg), renames)
         for param in frozen_params(net.plan, bundle.family, net._parts()):
             param.requires_grad_(False)  # a block of learning-rate weight 0 never trains
@@ -205,14 +203,14 @@ class Network:
         return out
 
     def file_module_names(self) -> list[str]:
-        """Module names as files hold them (original-model layout for SDXL's U-Net)."""
-        return [self.file_names.get(n, n) for n in self.module_names()]
+        """Module names as files hold them (original-model layout for SDXL's U-Net, fused for FLUX)."""
+        return list(dict.fromkeys(k.partition(".")[0] for k in self.state_dict_kohya()))
 
     def state_dict_kohya(self, dtype: torch.dtype | None = None, strength: float = 1.0) -> dict[str, Tensor]:
         """Tensors under the names files use, on the CPU; `strength` is baked into the deltas."""
         with torch.no_grad():
             raw = {k: v.detach() for k, v in self.lyco.state_dict().items()}
-        scaled = self._renamed(scale_strength(raw, float(strength)), self.file_names)
+        scaled = self.family.to_file(self._renamed(scale_strength(raw, float(strength)), self.file_names))
         out = {}
         for key, value in scaled.items():
             value = value.to(device=torch.device("cpu"))
@@ -258,4 +256,4 @@ class Network:
         if not math.isfinite(strength):
             raise ConfigError("network_resume", str(path), f"has {STRENGTH_KEY} {strength}; it must be a finite number")
         file_sd = scale_strength(file_sd, 1.0 / strength)  # undo the strength baked in at save
-        self.lyco.load_state_dict(self._renamed(file_sd, self._memory_names), strict=True)
+        self.lyco.load_state_dict(self._renamed(self.family.from_file(file_sd), self._memory_names), strict=True)

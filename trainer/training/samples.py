@@ -35,7 +35,7 @@ def parse_prompts(text: str | Sequence[str]) -> list[str]:
 
 def native_size(bundle: ModelBundle) -> tuple[int, int]:
     """(height, width) the model was trained at: 512 for SD1, 768 for SD2-768, 1024 for SDXL."""
-    side = int(bundle.unet.config.sample_size) * bundle.vae_factor
+    side = bundle.family.native_size(bundle)
     return side, side
 
 
