@@ -124,13 +124,15 @@ def sigma_mode_cdf(u_cdf, shift: float) -> tuple[np.ndarray, np.ndarray]:
     return grid, 1.0 - u_cdf(1.0 - j / 1000)
 
 
-@pytest.mark.parametrize("mean,shift", [(0.0, 1.0), (1.0, 1.0), (-0.5, SHIFT)])
-def test_sigma_logit_normal_matches_closed_form(mean, shift):
+@pytest.mark.parametrize("mean,std,shift", [(0.0, 1.0, 1.0), (1.0, 1.0, 1.0), (-0.5, 1.0, SHIFT), (0.5, 2.0, SHIFT)])
+def test_sigma_logit_normal_matches_closed_form(mean, std, shift):
     s = draw(timestep_sampling="sigma", weighting_scheme="logit_normal", logit_mean=mean,
-             logit_std=1.0, discrete_flow_shift=shift)
-    grid, cdf = sigma_mode_cdf(lambda u: phi(logit(u) - mean), shift)
+             logit_std=std, discrete_flow_shift=shift)
+    grid, cdf = sigma_mode_cdf(lambda u: phi((logit(u) - mean) / std), shift)
     assert ks_on_grid(s, grid, cdf) < KS_OK
-    _, wrong = sigma_mode_cdf(lambda u: phi(logit(u) - mean - 1.0), shift)  # mean 1 is not mean 0
+    _, wrong = sigma_mode_cdf(lambda u: phi((logit(u) - mean - 1.0) / std), shift)  # mean 1 is not mean 0
+    assert ks_on_grid(s, grid, wrong) > KS_WRONG
+    _, wrong = sigma_mode_cdf(lambda u: phi((logit(u) - mean) / (std * 1.5)), shift)
     assert ks_on_grid(s, grid, wrong) > KS_WRONG
 
 
@@ -247,6 +249,14 @@ def test_sd3_sigmas_match_closed_form(shift):
     assert float(s.min()) >= 0.001
     wrong = phi(logit(shift_inverse((j + 1) / 1000, 1.0 if shift != 1.0 else 3.0)) - 0.3)
     assert ks_on_grid(s.double().numpy(), j / 1000, wrong) > KS_WRONG
+
+
+def test_sd3_sigmas_never_zero():
+    # With a uniform density 1 in 1000 draws has floor(1000·u) = 0; it is moved to σ = 0.001.
+    s = flow.sd3_sample_sigmas(FlowOptions(), N, generator=torch.Generator().manual_seed(6))
+    assert float(s.min()) == pytest.approx(0.001)
+    assert float((s < 0.0015).double().mean()) == pytest.approx(0.002, abs=0.0015)
+    assert float(s.max()) <= 1.0
 
 
 def test_models_embed_sigma_times_1000():
