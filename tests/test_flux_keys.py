@@ -299,3 +299,14 @@ def test_flux_pipeline_load_lora_weights_gives_the_network_output():
         plain = base(**flux_inputs())[0]
     assert (got - want).abs().max() <= 1e-4
     assert (want - plain).abs().max() > 1e-2
+
+
+def test_a_single_encoder_network_keeps_its_prefix_on_load():
+    """One encoder in the network gives ``lora_te_``; the file says ``lora_te1_`` (CLIP-L) either way."""
+    sd = {"lora_te_text_model_encoder_layers_1_mlp_fc1.lora_down.weight": torch.ones(2, 8),
+          "lora_te_text_model_encoder_layers_1_mlp_fc1.lora_up.weight": torch.ones(16, 2),
+          "lora_te_text_model_encoder_layers_1_mlp_fc1.alpha": torch.tensor(1.0)}
+    file = to_file(sd)
+    assert set(file) == {k.replace("lora_te_", "lora_te1_") for k in sd}
+    assert set(from_file(file, {k: tuple(v.shape) for k, v in sd.items()})) == set(sd)
+    assert set(from_file(file)) == set(file)  # without the network: the two-encoder prefix

@@ -1,36 +1,34 @@
 """FLUX.1 LoRA key layout: the network's diffusers names <-> the names written to files.
 
-In memory the network (LyCORIS on diffusers' ``FluxTransformer2DModel``) names each
-module ``lora_unet_<diffusers path, '.' -> '_'>``: ``lora_unet_transformer_blocks_0_attn_to_q``,
-``lora_unet_single_transformer_blocks_1_proj_mlp``; text encoders ``lora_te[1|2]_...``.
+In memory (LyCORIS on diffusers' ``FluxTransformer2DModel``) a module is ``lora_unet_<diffusers
+path, '.' -> '_'>`` (``lora_unet_transformer_blocks_0_attn_to_q``); text encoders ``lora_te[12]_``.
+Files use one transformer layout per network (diffusers drops ``lora_unet_`` keys from a file
+that also has ``lora_transformer_`` LoRA keys):
 
-Files use one of two layouts for the transformer, chosen per network:
+* **Plain LoRA** (only ``lora_down.weight``/``lora_up.weight``/``alpha``): kohya's BFL names as
+  sd-scripts' networks/lora_flux.py writes them (``lora_unet_double_blocks_{i}_img_attn_qkv``,
+  ``lora_unet_single_blocks_{i}_linear1``...). Parts that BFL fuses (to_q/k/v -> img_attn_qkv,
+  add_q/k/v_proj -> txt_attn_qkv, single to_q/k/v + proj_mlp -> linear1) are stored like
+  sd-scripts' ``split_qkv`` state dict: downs stacked (rank R = sum of part ranks), up
+  block-diagonal. sd-scripts keeps the part alpha there, and every consumer divides it by R,
+  so its split files apply at 1/3 (linear1: 1/4) of the trained scale; here alpha = scale * R,
+  so up @ down * alpha / R is exactly each part's delta (unequal part scales are folded into
+  their up blocks). ``final_layer_adaLN_modulation_1`` (``norm_out.linear``) is [shift, scale]
+  in BFL, [scale, shift] in diffusers: its up rows are swapped.
+  Read by sd-scripts, ComfyUI and Forge (``lora_unet_`` + BFL weight name), and by diffusers'
+  ``FluxPipeline.load_lora_weights`` (``_convert_kohya_flux_lora_to_diffusers``): it splits
+  linear1 only at FLUX.1's widths (3072 x 3 + 12288); 0.31 refuses any key outside the blocks
+  and ``lora_te1_``; newer versions also convert the embedders and final_layer (the latter
+  without its alpha) and skip T5 keys.
+* **LoKr, LoHa, DoRA (``dora_scale``), anything else**: these cannot be fused, so the file has
+  ``lora_transformer_<diffusers path>`` and the tensors unchanged. ComfyUI (comfy/lora.py
+  ``model_lora_keys_unet``, Flux branch) and Forge (packages_3rdparty/comfyui_lora_collection/
+  lora.py, same function) map those names through ``flux_to_diffusers`` onto the BFL weights
+  with row offsets (and the scale/shift swap) and apply lora/loha/lokr/DoRA patches to the
+  slice. diffusers' FLUX loader reads none of these algorithms.
 
-* **Plain LoRA** (every transformer module has only ``lora_down.weight``, ``lora_up.weight``,
-  ``alpha``): kohya's BFL layout as sd-scripts' ``networks/lora_flux.py`` writes it,
-  ``lora_unet_double_blocks_{i}_img_attn_qkv``, ``..._single_blocks_{i}_linear1`` and so on.
-  Modules that BFL fuses (to_q/to_k/to_v -> img_attn_qkv, add_q/k/v_proj -> txt_attn_qkv,
-  single to_q/to_k/to_v/proj_mlp -> linear1) are stored as sd-scripts stores its ``split_qkv``
-  LoRA: downs concatenated (rank R = sum of the parts' ranks), up block-diagonal. sd-scripts
-  keeps the part alpha unchanged, which every consumer then divides by R (not by the part
-  rank): its split files apply at 1/3 (1/4) strength. Here the file alpha is scale * R, so
-  up @ down * alpha / R is exactly each part's up @ down * alpha / rank (parts with different
-  scales have the ratio folded into their up block). ``final_layer_adaLN_modulation_1``
-  (diffusers ``norm_out.linear``) stores shift before scale, so its up rows are swapped.
-  Loaded by sd-scripts, ComfyUI and Forge (``lora_unet_`` + the BFL model key) and by diffusers
-  (``FluxLoraLoaderMixin.lora_state_dict`` -> ``_convert_kohya_flux_lora_to_diffusers``; it
-  splits ``linear1`` only at FLUX.1's widths 3072/12288, which real FLUX.1 files have).
-* **Everything else** (LoKr, LoHa, DoRA's ``dora_scale``, ...), which cannot be fused:
-  ``lora_transformer_<diffusers path>`` with the tensors as they are. ComfyUI
-  (comfy/lora.py ``model_lora_keys_unet``, Flux branch) and Forge
-  (packages_3rdparty/comfyui_lora_collection/lora.py ``model_lora_keys_unet``) map these
-  names through ``flux_to_diffusers`` onto the fused BFL weights with row offsets (and the
-  scale/shift swap for ``norm_out``), and apply lora/loha/lokr/DoRA patches to that slice.
-  diffusers' FLUX loader has no LoKr/LoHa/DoRA support. One layout per file: diffusers drops
-  ``lora_unet_`` keys from a file that also has ``lora_transformer_`` LoRA keys.
-
-Text encoders: CLIP-L -> ``lora_te1_text_model_...``, T5 -> ``lora_te3_encoder_...``
-(sd-scripts' names; ComfyUI and Forge read both), whatever prefix the network used.
+Text encoders: CLIP-L -> ``lora_te1_text_model_...``, T5 -> ``lora_te3_encoder_...`` (sd-scripts'
+names, read by ComfyUI and Forge), whatever prefix the network used.
 """
 from __future__ import annotations
 
@@ -90,7 +88,6 @@ def _groups(sd: Mapping[str, torch.Tensor]) -> Groups:
 def _flat(groups: Groups) -> dict[str, torch.Tensor]:
     return {f"{m}.{s}": t for m, g in groups.items() for s, t in g.items()}
 
-
 def _is_plain_lora(group: Mapping[str, torch.Tensor]) -> bool:
     return set(group) <= LORA_KEYS and "lora_down.weight" in group and group["lora_down.weight"].ndim == 2
 
@@ -127,8 +124,7 @@ def _members(file_name: str) -> list[str]:
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     """BFL's final modulation is [shift, scale]; diffusers' norm_out.linear is [scale, shift]."""
-    half = t.shape[0] // 2
-    return torch.cat([t[half:], t[:half]], dim=0)
+    return torch.cat([t[t.shape[0] // 2:], t[:t.shape[0] // 2]], dim=0)
 
 
 def _te_file_name(name: str) -> str:
@@ -214,8 +210,7 @@ def from_file(sd: Mapping[str, torch.Tensor],
 
 
 def _te_memory_name(name: str, target: Mapping[str, Sequence[int]] | None) -> str:
-    file_prefix = name[:len("lora_te1_")]
-    rest = name[len(file_prefix):]
+    file_prefix, rest = name[:len("lora_te1_")], name[len("lora_te1_"):]
     if target is not None:
         for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
             if any(k.startswith(f"{prefix}{rest}.") for k in target):
