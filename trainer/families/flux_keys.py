@@ -17,9 +17,9 @@ that also has ``lora_transformer_`` LoRA keys):
   in BFL, [scale, shift] in diffusers: its up rows are swapped.
   Read by sd-scripts, ComfyUI and Forge (``lora_unet_`` + BFL weight name), and by diffusers'
   ``FluxPipeline.load_lora_weights`` (``_convert_kohya_flux_lora_to_diffusers``): it splits
-  linear1 only at FLUX.1's widths (3072 x 3 + 12288); 0.31 refuses any key outside the blocks
-  and ``lora_te1_``; newer versions also convert the embedders and final_layer (the latter
-  without its alpha) and skip T5 keys.
+  linear1 only at FLUX.1's widths (3072 x 3 + 12288) and reads only the blocks and
+  ``lora_te1_``: 0.31 refuses other keys, 0.42 loads nothing of them (embedders, final_layer,
+  T5) and warns.
 * **LoKr, LoHa, DoRA (``dora_scale``), anything else**: these cannot be fused, so the file has
   ``lora_transformer_<diffusers path>`` and the tensors unchanged. ComfyUI (comfy/lora.py
   ``model_lora_keys_unet``, Flux branch) and Forge (packages_3rdparty/comfyui_lora_collection/
