@@ -34,6 +34,7 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("noise", "Noise and timesteps"),
     ("precision", "Precision and model"),
     ("pairs", "Difference and ADDifT"),
+    ("flow", "FLUX and flow matching"),
 )
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -76,6 +77,11 @@ class Param:
     maximum: float | None = None
     legacy: tuple[str, ...] = ()
     group: str = ""  # an optional setting's group (GROUPS); "" for the required ones at the top
+    families: tuple[str, ...] = ()  # the model families that use it; () for every family
+
+    def used_by(self, family: str | None) -> bool:
+        """Whether a model of `family` uses this setting (None: the family is not known yet)."""
+        return not self.families or family is None or family in self.families
 
     @property
     def widget(self) -> str:

@@ -1,4 +1,4 @@
-"""Model families: one strategy file per family (sd1, sd2, sdxl), one protocol (base.Family).
+"""Model families: one strategy file per family (sd1, sd2, sdxl, flux), one protocol (base.Family).
 
 `get_family` turns a name into the family object the rest of the trainer asks; `detect_family`
 tells a checkpoint's family from its keys. Loading, prompt encoding, block IDs, file keys and
@@ -11,13 +11,14 @@ from typing import Iterable, Mapping
 import torch
 
 from .base import Family
+from .flux import Flux
 from .sd1 import SD1
 from .sd2 import SD2
 from .sdxl import SDXL
 
 # Families that are not SD U-Nets are asked first (their keys are unambiguous); the SD U-Nets
 # are told apart by checkpoint.detect_unet_family.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux())}
 
 __all__ = ["FAMILIES", "Family", "detect_family", "family_names", "get_family"]
 

@@ -86,8 +86,10 @@ class Family:
         """Channels of the VAE latents the denoiser takes (before any patching)."""
         return int(bundle.vae.config.latent_channels)
 
-    def check(self, cfg: Any) -> None:
-        """Refuse, with a ConfigError naming the key, settings this family cannot train with."""
+    def check(self, cfg: Any) -> list[str]:
+        """Refuse, with a ConfigError naming the key, settings this family cannot train with; returns
+        messages about settings it trains without (the job shows them)."""
+        return []
 
     def prepare(self, bundle: ModelBundle, cfg: Any) -> None:
         """Take a pass's settings that prompt encoding, the forward and sampling need
@@ -118,8 +120,10 @@ class Family:
         """A network state dict (after `file_names`) in the layout files hold."""
         return state_dict
 
-    def from_file(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The inverse of `to_file`."""
+    def from_file(self, state_dict: dict[str, torch.Tensor],
+                  target: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+        """The inverse of `to_file`; `target` (the network's own names and shapes) settles what the
+        file layout leaves open."""
         return state_dict
 
     # the objective -----------------------------------------------------------------------------

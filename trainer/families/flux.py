@@ -57,3 +57,216 @@ def flow_options(cfg: Any) -> flow.FlowOptions:
     except ValueError as exc:
         key = str(exc).split(":", 1)[0]
         raise ConfigError(key, getattr(cfg, key, None), str(exc).split(":", 1)[-1].strip()) from None
+
+
+class FlowLoss:
+    """The flow-matching loss: elementwise loss per sample (Huber at a constant c), times the
+    weighting sigma_scaled asks for; called as loss(pred, target, sigma, mask)."""
+
+    def __init__(self, kind: str, c: float, opts: flow.FlowOptions) -> None:
+        from ..training.losses import HUBER_KINDS, check_kind
+
+        self.kind, self.opts = check_kind(kind), opts
+        self.c = float(c) if self.kind in HUBER_KINDS else None
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..training.losses import per_sample_loss
+
+        per_c = None if self.c is None else torch.full((pred.shape[0],), self.c, device=pred.device)
+        per_sample = per_sample_loss(pred, target, self.kind, mask, per_c)
+        if self.opts.model_prediction_type == "sigma_scaled":
+            per_sample = per_sample * flow.loss_weighting(self.opts.weighting_scheme, timesteps).to(per_sample.device)
+        return per_sample.mean(), per_sample.detach()
+
+
+class Flux(Family):
+    name = "flux"
+    label = "FLUX.1"
+    text_encoder_count = 2
+    vae_scale = 0.3611
+    model_version = "flux1"
+    modelspec_arch = "flux-1-dev"
+    implementation = "https://github.com/black-forest-labs/flux"
+    double_blocks: ClassVar[int] = 19  # FLUX.1's own counts, for the block-ID list
+    single_blocks: ClassVar[int] = 38
+
+    @classmethod
+    def claims(cls, keys: Iterable[str], state_dict: Mapping[str, torch.Tensor]) -> bool:
+        keys = set(keys)
+        return (any(k.endswith(BFL_MARKER) for k in keys)
+                or all(any(k.endswith(m) for k in keys) for m in DIFFUSERS_MARKERS))
+
+    @staticmethod
+    def is_dev(bundle: ModelBundle) -> bool:
+        """dev takes a guidance input; schnell has none."""
+        return bool(bundle.unet.config.guidance_embeds)
+
+    def architecture(self, v_pred: bool) -> str:
+        return self.modelspec_arch
+
+    def metadata(self, bundle: ModelBundle) -> dict[str, str]:
+        s = bundle.extra.get("flux")
+        meta = {"ss_base_model_version": self.model_version, "ss_v2": "False", "ss_v_parameterization": "False",
+                "modelspec.implementation": self.implementation,
+                "modelspec.architecture": "flux-1-dev" if self.is_dev(bundle) else "flux-1-schnell"}
+        if s is not None:
+            meta.update(ss_guidance_scale=str(s["guidance"]), ss_timestep_sampling=s["flow"].timestep_sampling,
+                        ss_sigmoid_scale=str(s["flow"].sigmoid_scale),
+                        ss_model_prediction_type=s["flow"].model_prediction_type,
+                        ss_discrete_flow_shift=str(s["flow"].discrete_flow_shift),
+                        ss_apply_t5_attn_mask=str(s["t5_mask"]))
+        return meta
+
+    # settings ---------------------------------------------------------------------------------
+    def check(self, cfg: Any) -> list[str]:
+        """DDPM-only settings: explicit ones are refused; min-SNR (on in TrainTrain's defaults) is left
+        out with a message."""
+        flow_schedule = f"applies to DDPM-schedule models; {self.label} trains with a flow schedule"
+        refused = (("train_debiased_estimation", cfg.train_debiased_estimation, cfg.train_debiased_estimation),
+                   ("zero_terminal_snr", cfg.zero_terminal_snr, cfg.zero_terminal_snr),
+                   ("model_v_pred", cfg.model_v_pred, cfg.model_v_pred))
+        for key, value, bad in refused:
+            if bad:
+                raise ConfigError(key, value, f"{flow_schedule} (see timestep_sampling and weighting_scheme)")
+        from ..training.losses import HUBER_KINDS
+
+        if cfg.train_loss_function in HUBER_KINDS and cfg.huber_schedule != "constant":
+            raise ConfigError("huber_schedule", cfg.huber_schedule,
+                              f"{self.label} takes a constant Huber c (huber_schedule constant)")
+        flow_options(cfg)
+        if cfg.train_snr_gamma > 0:
+            return [f"train_snr_gamma {cfg.train_snr_gamma:g} {flow_schedule}; this job trains without it "
+                    "(weighting_scheme sets the flow weighting)"]
+        return []
+
+    def prepare(self, bundle: ModelBundle, cfg: Any) -> None:
+        length = int(cfg.t5xxl_max_token_length) or (512 if self.is_dev(bundle) else 256)
+        bundle.extra["flux"] = {"flow": flow_options(cfg), "guidance": float(cfg.guidance_scale),
+                                "t5_length": length, "t5_mask": bool(cfg.apply_t5_attn_mask)}
+
+    @staticmethod
+    def _settings(bundle: ModelBundle) -> dict:
+        s = bundle.extra.get("flux")
+        if s is None:  # a bundle used before any job: sd-scripts' defaults
+            s = {"flow": flow.FlowOptions(), "guidance": 1.0, "t5_mask": False,
+                 "t5_length": 512 if Flux.is_dev(bundle) else 256}
+        return s
+
+    # conditioning -------------------------------------------------------------------------------
+    def encode_prompts(self, bundle: ModelBundle, prompts: list[str], *, clip_skip: int,
+                       grad: bool) -> Cond:
+        """CLIP-L's pooled output and T5-XXL's token states, as FLUX's pipeline encodes them."""
+        from .textenc import Cond
+
+        s = self._settings(bundle)
+        clip, t5 = bundle.text_encoders
+        clip_tok, t5_tok = bundle.tokenizers
+        ids = clip_tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True,
+                       return_tensors="pt").input_ids
+        pooled = clip(ids.to(_device_of(clip)), output_hidden_states=False).pooler_output
+        tokens = t5_tok(prompts, padding="max_length", max_length=s["t5_length"], truncation=True,
+                        return_tensors="pt")
+        mask = tokens.attention_mask.to(_device_of(t5))
+        hidden = t5(tokens.input_ids.to(_device_of(t5)), attention_mask=mask if s["t5_mask"] else None)[0]
+        if s["t5_mask"]:
+            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        return Cond(hidden, pooled.to(hidden.device))
+
+    # the objective --------------------------------------------------------------------------------
+    def sample_timesteps(self, cfg: Any, batch: int, latent_shape: tuple[int, ...], *,
+                         generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """σ per sample (FLUX takes σ itself as its timestep)."""
+        opts = flow_options(cfg)
+        tokens = flow.flux_image_tokens(int(latent_shape[-2]), int(latent_shape[-1]))
+        return flow.sample_sigmas(opts, batch, image_tokens=tokens, generator=generator, device=device)
+
+    def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+        return flow.noisy_input(latents, noise, timesteps)
+
+    def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+               v_pred: bool) -> torch.Tensor:
+        return flow.flow_target(latents, noise)
+
+    def make_loss(self, cfg: Any, scheduler: Any, *, v_pred: bool, device: torch.device) -> FlowLoss:
+        return FlowLoss(cfg.train_loss_function, cfg.huber_c, flow_options(cfg))
+
+    def denoise(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
+                time_ids: torch.Tensor | None, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Pack, run the transformer, unpack, then the model_prediction_type transform."""
+        s = self._settings(bundle)
+        b, _, h, w = noisy.shape
+        txt = cond.hidden.to(device, dtype)
+        guidance = torch.full((b,), s["guidance"], device=device, dtype=dtype) if self.is_dev(bundle) else None
+        out = bundle.unet(hidden_states=pack(noisy.to(device, dtype)), encoder_hidden_states=txt,
+                          pooled_projections=cond.pooled.to(device, dtype), timestep=timesteps.to(device, dtype),
+                          img_ids=image_ids(h, w, device, dtype),
+                          txt_ids=torch.zeros(txt.shape[1], 3, device=device, dtype=dtype),
+                          guidance=guidance, return_dict=False)[0]
+        pred, _ = flow.apply_prediction_type(s["flow"], unpack(out, h, w), noisy.to(device, out.dtype), timesteps)
+        return pred
+
+    def latent_multiple(self, bundle: ModelBundle) -> int:
+        return bundle.vae_factor * 2  # 2×2 patches
+
+    def native_size(self, bundle: ModelBundle) -> int:
+        return 1024
+
+    # blocks -----------------------------------------------------------------------------------------
+    def block_ids(self) -> tuple[str, ...]:
+        return (*(f"DB{i:02d}" for i in range(self.double_blocks)), *(f"SB{i:02d}" for i in range(self.single_blocks)))
+
+    def block_id(self, module_name: str) -> str | None:
+        parts = module_name.split(".")
+        if len(parts) < 2 or not parts[1].isdigit():
+            return None
+        prefix = {"transformer_blocks": "DB", "single_transformer_blocks": "SB"}.get(parts[0])
+        return None if prefix is None else f"{prefix}{int(parts[1]):02d}"
+
+    def selector(self, blocks: Iterable[str], element: str) -> Callable[[str], bool]:
+        if element != "Full":
+            raise ConfigError("network_element", element, f"{self.label} networks cover whole blocks (Full)")
+        return lambda name: True  # the TrainTrain U-Net block IDs do not apply to FLUX's blocks
+
+    # networks and files --------------------------------------------------------------------------------
+    def network_targets(self, trains_convs: bool) -> list[str]:
+        return ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+
+    def network_text_encoders(self, bundle: ModelBundle) -> list[torch.nn.Module]:
+        return [bundle.text_encoders[0]]  # CLIP-L; T5 stays frozen
+
+    def to_file(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from .flux_keys import to_file
+
+        return to_file(state_dict)
+
+    def from_file(self, state_dict: dict[str, torch.Tensor],
+                  target: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+        from .flux_keys import from_file
+
+        return from_file(state_dict, target)
+
+    # sampling -------------------------------------------------------------------------------------------
+    def sampling_scheduler(self, noise_scheduler: Any, sampler: str) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+
+    def pipeline(self, bundle: ModelBundle, scheduler: Any) -> Any:
+        from diffusers import FluxPipeline
+
+        clip, t5 = bundle.text_encoders
+        clip_tok, t5_tok = bundle.tokenizers
+        return FluxPipeline(scheduler=scheduler, vae=bundle.vae, text_encoder=clip, tokenizer=clip_tok,
+                            text_encoder_2=t5, tokenizer_2=t5_tok, transformer=bundle.unet)
+
+    def pipeline_embeds(self, cond: Cond) -> dict[str, Any]:
+        return {"prompt_embeds": cond.hidden[:1], "pooled_prompt_embeds": cond.pooled[:1]}
+
+    def pipeline_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return unpack(latents, height // 8, width // 8) if latents.dim() == 3 else latents
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device

@@ -119,6 +119,7 @@ def schema() -> list[dict[str, Any]]:
     defaults = TrainConfig()
     return [{"key": p.key, "name": name, "kind": p.kind, "label": p.label, "help": p.help,
              "choices": list(p.choices), "modes": list(p.modes), "section": p.section, "group": p.group,
+             "families": list(p.families),
              "minimum": p.minimum, "maximum": p.maximum, "default": export(p, getattr(defaults, name))}
             for name, p in TrainConfig.params()]
 

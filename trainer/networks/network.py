@@ -256,4 +256,6 @@ class Network:
         if not math.isfinite(strength):
             raise ConfigError("network_resume", str(path), f"has {STRENGTH_KEY} {strength}; it must be a finite number")
         file_sd = scale_strength(file_sd, 1.0 / strength)  # undo the strength baked in at save
-        self.lyco.load_state_dict(self._renamed(self.family.from_file(file_sd), self._memory_names), strict=True)
+        shapes = {k: v.shape for k, v in self._renamed(self.lyco.state_dict(), self.file_names).items()}
+        file_sd = self.family.from_file(file_sd, shapes)
+        self.lyco.load_state_dict(self._renamed(file_sd, self._memory_names), strict=True)

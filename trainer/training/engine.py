@@ -120,7 +120,9 @@ class Trainer:
         model_dtype = devices.compute_dtype(self.cfg.train_model_precision, self.device)
         bundle = self.host.load_bundle(self.cfg, dtype=model_dtype, device=self.device)
         for spec in specs:  # settings the model's family cannot train with fail before any caching
-            bundle.family.check(spec.cfg)
+            for message in dict.fromkeys(bundle.family.check(spec.cfg)):
+                log.warning(message)
+                self.emit(message=message)
         trains_on = bundle.extra.get("trains_on", "")  # a host says which model and from where
         if trains_on:
             self.emit(message=trains_on)

@@ -167,6 +167,7 @@ def render_samples(bundle: ModelBundle, prompts: Iterable[str], *, negative_prom
                 latents = pipe(height=height, width=width, num_inference_steps=int(steps),
                                guidance_scale=float(guidance), generator=generator, output_type="latent",
                                **embeds).images
+            latents = bundle.family.pipeline_latents(latents, height, width)
             images.append(_decode(pipe, bundle, latents))  # outside autocast: the VAE in its own dtype
     return images
 

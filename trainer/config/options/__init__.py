@@ -7,11 +7,13 @@ method, which TrainConfig.validate calls.
 from __future__ import annotations
 
 from .data import DataOptions
+from .flow import FlowOptions
 from .grid import GridOptions
 from .loss import LossOptions
 from .network import NetworkOptions
 from .state import StateOptions
 
-OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions)
+OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions)
 
-__all__ = ["OPTION_CLASSES", "NetworkOptions", "LossOptions", "DataOptions", "StateOptions", "GridOptions"]
+__all__ = ["OPTION_CLASSES", "NetworkOptions", "LossOptions", "DataOptions", "StateOptions", "GridOptions",
+           "FlowOptions"]
