@@ -245,3 +245,24 @@ def save_flux_folder(parts: TinyFlux, folder: Path) -> Path:
              "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return folder
+
+
+def flux_inputs(variant: str, seed: int = 1, side: int = 4, tokens: int = 8) -> dict[str, torch.Tensor]:
+    """Transformer inputs for a side x side grid of packed latents (64 = 16 channels x 2 x 2)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros(side * side), rows.flatten().float(), cols.flatten().float()], dim=1)
+    inputs = {
+        "hidden_states": torch.randn(1, side * side, 64, generator=g),
+        "encoder_hidden_states": torch.randn(1, tokens, T5_DIM, generator=g),
+        "pooled_projections": torch.randn(1, tiny_text_config().hidden_size, generator=g),
+        "timestep": torch.tensor([0.5]), "img_ids": img_ids, "txt_ids": torch.zeros(tokens, 3),
+    }
+    if variant == "dev":
+        inputs["guidance"] = torch.tensor([3.5])
+    return inputs
+
+
+@torch.no_grad()
+def flux_forward(model: FluxTransformer2DModel, variant: str, seed: int = 1) -> torch.Tensor:
+    return model(**flux_inputs(variant, seed), return_dict=False)[0]

@@ -6,7 +6,6 @@ FLUX folder. Configs are read off tensor shapes or local files; nothing is fetch
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -175,7 +174,10 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], config: dict[str, Any], path: 
     """diffusers' own FLUX conversion; `sd` is consumed."""
     width = config["num_attention_heads"] * config["attention_head_dim"]
     mlp = _widen_linear1(sd, width, path)
-    converted = sfu.convert_flux_transformer_checkpoint_to_diffusers(sd)
+    try:
+        converted = sfu.convert_flux_transformer_checkpoint_to_diffusers(sd)
+    except KeyError as exc:
+        raise FluxLoadError(f"transformer: {path} is incomplete (no {exc.args[0]})") from exc
     if sd:
         raise FluxLoadError(f"transformer: {path} has keys FLUX.1 does not have (like {_sample(sd)})")
     if width != FLUX_WIDTH or mlp != FLUX_MLP:
@@ -350,7 +352,7 @@ def load_t5_tokenizer(path: str | Path, *, max_length: int = 512):
         if file.is_file():
             return PreTrainedTokenizerFast(tokenizer_file=str(file), **specials)
         return T5TokenizerFast.from_pretrained(str(path), local_files_only=True, **specials)
-    except (OSError, ValueError, ImportError) as exc:
+    except Exception as exc:  # the tokenizers library raises bare Exceptions for files it cannot parse
         raise FluxLoadError(f"t5 tokenizer: {path} could not be read ({exc})") from exc
 
 
