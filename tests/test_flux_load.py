@@ -63,6 +63,22 @@ def test_sft_file_with_checkpoint_prefix_in_bf16(tmp_path):
     assert_same_weights(parts.transformer, model, lambda t: t.to(torch.bfloat16))
 
 
+def test_all_in_one_checkpoint_serves_every_slot(tmp_path):
+    """ComfyUI's checkpoint files hold every part, each under its own prefix."""
+    parts = tiny_flux("dev")
+    files = save_flux_files(parts, tmp_path / "parts")
+    prefixes = {"transformer": "model.diffusion_model.", "clip_l": "text_encoders.clip_l.transformer.",
+                "t5xxl": "text_encoders.t5xxl.transformer.", "ae": "vae."}
+    merged = {prefixes[role] + k: v for role, path in files.items() for k, v in load_file(str(path)).items()}
+    path = tmp_path / "flux1-dev-checkpoint.safetensors"
+    save_file(merged, str(path))
+    assert fl.flux_variant(fl.read_keys(path, role="model")) == "dev"
+    assert_same_weights(parts.transformer, fl.load_flux_transformer(path, dtype=torch.float32))
+    comps = fl.load_flux_components(path, path, path, dtype=torch.float32)
+    for name in ("clip_l", "t5xxl", "vae"):
+        assert_same_weights(getattr(parts, name), getattr(comps, name))
+
+
 def test_fp8_file_is_upcast_to_the_rounded_weights(tmp_path):
     parts = tiny_flux("dev")
     path = save_bfl_transformer(parts.transformer, tmp_path / "flux1-dev-fp8.safetensors", FP8)

@@ -15,7 +15,6 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.loaders import single_file_utils as sfu
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
 FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -96,17 +95,21 @@ def read_keys(path: str | Path, *, role: str) -> list[str]:
         raise FluxLoadError(f"{role}: {path} is not a readable safetensors file ({exc})") from exc
 
 
-def _load(path: Path, keys: list[str], *, role: str) -> dict[str, torch.Tensor]:
+def _cast(t: torch.Tensor, dtype: torch.dtype, keep_fp8: bool) -> torch.Tensor:
+    """A floating tensor in `dtype`; an fp8 one stays fp8 when asked (its compute casts it)."""
+    if not t.is_floating_point() or t.dtype == dtype or (keep_fp8 and t.dtype in FP8):
+        return t
+    return t.to(dtype)
+
+
+def _read(path: Path, keys: list[str], prefix: str, *, role: str, dtype: torch.dtype,
+          keep_fp8: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, prefix stripped, cast one by one (peak memory: the result)."""
     if "scaled_fp8" in keys or any(k.endswith(".scale_weight") for k in keys):
         raise FluxLoadError(f"{role}: {path} holds ComfyUI 'scaled fp8' weights, which need per-tensor "
                             "scales; use an fp16, bf16 or plain float8_e4m3fn file")
-    return load_file(str(path))
-
-
-def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp8: bool = False) -> dict[str, torch.Tensor]:
-    """Floating tensors to `dtype`; fp8 ones stay fp8 when asked (their compute casts them)."""
-    return {k: v if not v.is_floating_point() or v.dtype == dtype or (keep_fp8 and v.dtype in FP8)
-            else v.to(dtype) for k, v in sd.items()}
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len(prefix):]: _cast(f.get_tensor(k), dtype, keep_fp8) for k in keys if k.startswith(prefix)}
 
 
 def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], *, role: str, path: Path) -> torch.nn.Module:
@@ -200,9 +203,7 @@ def load_flux_transformer(path: str | Path, *, dtype: torch.dtype = torch.bfloat
     if prefix is None:
         raise FluxLoadError(f"transformer: {path} holds no FLUX.1 transformer weights in BFL layout "
                             f"(found keys like {_sample(keys)})")
-    loaded = _load(path, keys, role="transformer")
-    sd = _cast({k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}, dtype, keep_fp8)
-    del loaded
+    sd = _read(path, keys, prefix, role="transformer", dtype=dtype, keep_fp8=keep_fp8)
     config = transformer_config(sd, path)
     converted = bfl_to_diffusers(sd, config, path)
     with init_empty_weights():
@@ -210,22 +211,20 @@ def load_flux_transformer(path: str | Path, *, dtype: torch.dtype = torch.bfloat
     return _assign(model, converted, role="transformer", path=path)
 
 
-def _sub_dict(sd: dict[str, torch.Tensor], mark: str) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """The tensors under the prefix that the first key ending in `mark` shows."""
-    key = next((k for k in sorted(sd, key=len) if k.endswith(mark)), None)
-    if key is None:
-        return None
-    prefix = key[: -len(mark)]
-    return prefix, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+def _prefix(keys: list[str], mark: str) -> str | None:
+    """The prefix that the shortest key ending in `mark` shows (ComfyUI checkpoints nest parts)."""
+    key = next((k for k in sorted(keys, key=len) if k.endswith(mark)), None)
+    return None if key is None else key[: -len(mark)]
 
 
-def _clip_l(sd: dict[str, torch.Tensor], path: Path) -> CLIPTextModel:
+def _clip_l(path: Path, keys: list[str], dtype: torch.dtype) -> CLIPTextModel:
     """OpenAI CLIP-L in transformers layout, under any prefix (ComfyUI writes `text_model.*`)."""
-    found = _sub_dict(sd, CLIP_MARK)
-    if found is None or not any(".self_attn.q_proj." in k for k in found[1]):
+    prefix = _prefix(keys, CLIP_MARK)
+    if prefix is None or not any(".self_attn.q_proj." in k for k in keys):
         raise FluxLoadError(f"clip_l: {path} holds no CLIP text encoder weights in transformers layout "
-                            f"(found keys like {_sample(sd)})")
-    part = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in found[1].items()}
+                            f"(found keys like {_sample(keys)})")
+    found = _read(path, keys, prefix, role="clip_l", dtype=dtype)
+    part = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in found.items()}
     vocab, hidden = part["embeddings.token_embedding.weight"].shape
     cfg = CLIPTextConfig(  # heads = hidden // 64 is the CLIP convention (12 for CLIP-L)
         vocab_size=vocab, hidden_size=hidden, intermediate_size=part["encoder.layers.0.mlp.fc1.weight"].shape[0],
@@ -258,12 +257,13 @@ def _t5_config(sd: dict[str, torch.Tensor]) -> T5Config:
     return cfg
 
 
-def _t5xxl(sd: dict[str, torch.Tensor], path: Path) -> T5EncoderModel:
+def _t5xxl(path: Path, keys: list[str], dtype: torch.dtype) -> T5EncoderModel:
     """T5 encoder in transformers layout (ComfyUI's t5xxl files), under any prefix."""
-    found = _sub_dict(sd, T5_MARK)
-    if found is None:
-        raise FluxLoadError(f"t5xxl: {path} holds no T5 encoder weights (found keys like {_sample(sd)})")
-    part = {k: v for k, v in found[1].items() if k.startswith(("shared.", "encoder."))}
+    prefix = _prefix(keys, T5_MARK)
+    if prefix is None:
+        raise FluxLoadError(f"t5xxl: {path} holds no T5 encoder weights (found keys like {_sample(keys)})")
+    found = _read(path, keys, prefix, role="t5xxl", dtype=dtype)
+    part = {k: v for k, v in found.items() if k.startswith(("shared.", "encoder."))}
     embed = part.get("shared.weight", part.get("encoder.embed_tokens.weight"))
     if embed is None:
         raise FluxLoadError(f"t5xxl: {path} has no token embedding (shared.weight)")
@@ -294,11 +294,11 @@ def _ae_config(sd: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
     }
 
 
-def _ae(sd: dict[str, torch.Tensor], path: Path) -> AutoencoderKL:
-    found = _sub_dict(sd, "encoder.conv_in.weight")
-    if found is None or "decoder.conv_in.weight" not in found[1]:
-        raise FluxLoadError(f"ae: {path} holds no autoencoder weights (found keys like {_sample(sd)})")
-    part = found[1]
+def _ae(path: Path, keys: list[str], dtype: torch.dtype) -> AutoencoderKL:
+    prefix = _prefix(keys, "encoder.conv_in.weight")
+    if prefix is None or prefix + "decoder.conv_in.weight" not in keys:
+        raise FluxLoadError(f"ae: {path} holds no autoencoder weights (found keys like {_sample(keys)})")
+    part = _read(path, keys, prefix, role="ae", dtype=dtype)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in part:
         raise FluxLoadError(f"ae: {path} is in diffusers layout; pass BFL's ae.safetensors or a diffusers folder")
     config = _ae_config(part, path)
@@ -314,8 +314,7 @@ def load_flux_components(clip_l: str | Path, t5xxl: str | Path, ae: str | Path, 
     parts = []
     for role, path, build in (("clip_l", clip_l, _clip_l), ("t5xxl", t5xxl, _t5xxl), ("ae", ae, _ae)):
         path = Path(path)
-        keys = read_keys(path, role=role)
-        parts.append(build(_cast(_load(path, keys, role=role), dtype), path))
+        parts.append(build(path, read_keys(path, role=role), dtype))
     return FluxComponents(*parts)
 
 
