@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import init_empty_weights
+from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
-from tests.flux_tiny import (diffusers_vae_to_ldm, flux_forward, save_ae, save_bfl_transformer, save_clip_l,
+from tests.flux_tiny import (diffusers_to_bfl, diffusers_vae_to_ldm, flux_forward, save_ae, save_bfl_transformer, save_clip_l,
                              save_flux_files, save_flux_folder, save_t5xxl, tiny_flux, tiny_t5_tokenizer)
 from tests.tiny import tiny_vae
 from trainer.families import flux_load as fl
@@ -245,3 +247,21 @@ def test_unreadable_t5_tokenizer_is_named(tmp_path):
     (bad / "tokenizer.json").write_text('{"model": {"type": "Nothing"}}', encoding="utf-8")
     with pytest.raises(fl.FluxLoadError, match=r"t5 tokenizer: .*tokenizer_2 could not be read"):
         fl.load_t5_tokenizer(fl.find_t5_tokenizer([bad]))
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_full_size_layout_read_off_shapes(variant, tmp_path):
+    """FLUX.1's real sizes (on the meta device): the config read off the shapes is the published one
+    (FLUX.1-dev/transformer/config.json) and diffusers' converter gives every tensor its shape."""
+    published = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                 "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                 "pooled_projection_dim": 768, "guidance_embeds": variant == "dev", "axes_dims_rope": (16, 56, 56)}
+    with init_empty_weights():
+        model = FluxTransformer2DModel(**published)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bfl = diffusers_to_bfl(model.state_dict())
+    assert fl.flux_variant(bfl) == variant
+    config = fl.transformer_config(bfl, tmp_path)
+    assert config == published
+    converted = fl.bfl_to_diffusers(bfl, config, tmp_path)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == want

@@ -105,7 +105,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, keep_fp8: bool) -> torch.Tensor:
 def _read(path: Path, keys: list[str], prefix: str, *, role: str, dtype: torch.dtype,
           keep_fp8: bool = False) -> dict[str, torch.Tensor]:
     """The tensors under `prefix`, prefix stripped, cast one by one (peak memory: the result)."""
-    if "scaled_fp8" in keys or any(k.endswith(".scale_weight") for k in keys):
+    if any(k.endswith(("scaled_fp8", ".scale_weight")) for k in keys):
         raise FluxLoadError(f"{role}: {path} holds ComfyUI 'scaled fp8' weights, which need per-tensor "
                             "scales; use an fp16, bf16 or plain float8_e4m3fn file")
     with safe_open(str(path), framework="pt") as f:
