@@ -3,8 +3,8 @@
 Transformer: 2 double + 2 single blocks, 2 heads of 32 (rotary axes 4/14/14, FLUX.1's 1/8-then-halves
 split of its 128), guidance embedder for dev only. CLIP-L: tests/tiny.py's tiny text config. T5: a
 gated-GELU encoder with a small Unigram tokenizer made here. Autoencoder: 16 latent channels, no quant
-convs, FLUX.1's scaling and shift factors. The writers produce BFL/ComfyUI layouts through our own
-inverse of diffusers' key conversion.
+convs, widening channels (so shortcut convs exist, as in FLUX.1's), its scaling and shift factors.
+The writers produce BFL/ComfyUI layouts through our own inverse of diffusers' key conversion.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def tiny_flux_transformer(variant: str = "dev") -> FluxTransformer2DModel:
 def tiny_flux_ae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
         norm_num_groups=32, sample_size=1024, scaling_factor=AE_SCALING, shift_factor=AE_SHIFT,
         use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
 
@@ -158,7 +158,8 @@ def _vae_name(key: str, levels: int) -> str:
     parts = key.split(".")
     side, rest = parts[0], parts[1:]
     name = ".".join(rest)
-    reps = [("conv_norm_out", "norm_out"), ("mid_block.resnets.0", "mid.block_1"), ("mid_block.resnets.1", "mid.block_2"),
+    reps = [("conv_norm_out", "norm_out"), ("mid_block.resnets.0", "mid.block_1"),
+            ("mid_block.resnets.1", "mid.block_2"),
             ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"), ("mid_block.attentions.0.to_q", "mid.attn_1.q"),
             ("mid_block.attentions.0.to_k", "mid.attn_1.k"), ("mid_block.attentions.0.to_v", "mid.attn_1.v"),
             ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out"), ("conv_shortcut", "nin_shortcut")]

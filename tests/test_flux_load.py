@@ -7,8 +7,8 @@ from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
-from tests.flux_tiny import (diffusers_to_bfl, diffusers_vae_to_ldm, flux_forward, save_ae, save_bfl_transformer, save_clip_l,
-                             save_flux_files, save_flux_folder, save_t5xxl, tiny_flux, tiny_t5_tokenizer)
+from tests.flux_tiny import (diffusers_to_bfl, diffusers_vae_to_ldm, flux_forward, save_bfl_transformer,
+                             save_flux_files, save_flux_folder, tiny_flux, tiny_t5_tokenizer)
 from tests.tiny import tiny_vae
 from trainer.families import flux_load as fl
 
@@ -141,7 +141,8 @@ def test_diffusers_folder_equals_tiny(written, tmp_path):
     assert got.variant == parts.variant
     for name in ("transformer", "clip_l", "t5xxl", "vae"):
         assert_same_weights(getattr(parts, name), getattr(got, name))
-    assert (flux_forward(got.transformer, parts.variant) - flux_forward(parts.transformer, parts.variant)).abs().max() <= 1e-6
+    diff = flux_forward(got.transformer, parts.variant) - flux_forward(parts.transformer, parts.variant)
+    assert diff.abs().max() <= 1e-6
     assert got.t5_tokenizer.model_max_length == fl.T5_MAX_LENGTH[parts.variant]
     assert got.t5_tokenizer(PROMPTS).input_ids == tiny_t5_tokenizer()(PROMPTS).input_ids
     assert got.clip_tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
