@@ -171,6 +171,13 @@ def test_t5_tokenizer_found_in_the_first_place_that_has_one(tmp_path):
     assert "tokenizer.json or spiece.model" in str(err.value)
 
 
+def test_forge_install_places_searched(tmp_path):
+    places = fl.forge_t5_tokenizers(tmp_path)
+    assert places[0] == tmp_path / "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2"
+    tiny_t5_tokenizer().save_pretrained(str(places[1]))
+    assert fl.find_t5_tokenizer(places) == places[1]
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return save_flux_files(tiny_flux("dev"), tmp_path_factory.mktemp("files"))

@@ -33,6 +33,10 @@ SCHEDULER = {  # FLUX.1-dev / -schnell scheduler/scheduler_config.json
 CLIP_MARK = "embeddings.token_embedding.weight"
 T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
 T5_FILES = ("tokenizer.json", "spiece.model")
+# Where a Forge install keeps T5's tokenizer (tokenizer.json; SD3's folder also has spiece.model).
+FORGE_T5_TOKENIZERS = tuple("backend/huggingface/" + p for p in (
+    "black-forest-labs/FLUX.1-dev/tokenizer_2", "black-forest-labs/FLUX.1-schnell/tokenizer_2",
+    "stabilityai/stable-diffusion-3-medium-diffusers/tokenizer_3"))
 
 
 class FluxLoadError(ValueError):
@@ -338,6 +342,11 @@ def find_t5_tokenizer(candidates: Iterable[str | Path]) -> Path:
             return path
     listing = "\n  ".join(searched) or "(no places given)"
     raise FluxLoadError("t5 tokenizer: no T5 tokenizer (tokenizer.json or spiece.model) found in:\n  " + listing)
+
+
+def forge_t5_tokenizers(forge_root: str | Path) -> list[Path]:
+    """The places a Forge install at `forge_root` keeps T5's tokenizer, for find_t5_tokenizer."""
+    return [Path(forge_root) / p for p in FORGE_T5_TOKENIZERS]
 
 
 def load_t5_tokenizer(path: str | Path, *, max_length: int = 512):
