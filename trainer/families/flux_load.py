@@ -150,12 +150,15 @@ def transformer_config(sd: dict[str, torch.Tensor], path: Path) -> dict[str, Any
     if in_ch != 64:
         raise FluxLoadError(f"transformer: {path} takes {in_ch} input channels (a Fill, Depth or Canny "
                             "model?); only text-to-image FLUX.1 models (64) can be trained")
-    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    try:
+        head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+        joint, pooled = sd["txt_in.weight"].shape[1], sd["vector_in.in_layer.weight"].shape[1]
+    except KeyError as exc:
+        raise FluxLoadError(f"transformer: {path} is incomplete (no {exc.args[0]})") from exc
     return {
         "patch_size": 1, "in_channels": in_ch, "num_layers": _count(sd, "double_blocks."),
         "num_single_layers": _count(sd, "single_blocks."), "attention_head_dim": head_dim,
-        "num_attention_heads": inner // head_dim, "joint_attention_dim": sd["txt_in.weight"].shape[1],
-        "pooled_projection_dim": sd["vector_in.in_layer.weight"].shape[1],
+        "num_attention_heads": inner // head_dim, "joint_attention_dim": joint, "pooled_projection_dim": pooled,
         "guidance_embeds": GUIDANCE_KEY in sd, "axes_dims_rope": _rope_axes(head_dim, path),
     }
 
