@@ -224,7 +224,8 @@ def test_unusable_files_are_named(files, tmp_path):
         _rewrite(files["transformer"], tmp_path / "cut.safetensors",
                  lambda sd: sd.pop("double_blocks.1.txt_mlp.2.bias")): r"is incomplete \(no double_blocks.1.txt_mlp.2",
         _rewrite(files["transformer"], tmp_path / "no-qk-norm.safetensors",
-                 lambda sd: sd.pop("double_blocks.0.img_attn.norm.query_norm.scale")): r"is incomplete \(no double_blocks.0",
+                 lambda sd: sd.pop("double_blocks.0.img_attn.norm.query_norm.scale")):
+            r"is incomplete \(no double_blocks.0",
         _rewrite(files["transformer"], tmp_path / "extra.safetensors",
                  lambda sd: sd.update({"double_blocks.0.lora_A": torch.zeros(1)})): r"has keys FLUX.1 does not have",
         _rewrite(files["transformer"], tmp_path / "scaled.safetensors",
