@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import transformers
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.loaders import single_file_utils as sfu
@@ -378,16 +379,20 @@ def _from_folder(cls: Any, folder: Path, role: str, **kwargs: Any) -> Any:
         raise FluxLoadError(f"{role}: {sub} could not be loaded ({exc})") from exc
 
 
+def _dtype_kwarg(cls: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers 5 renamed from_pretrained's torch_dtype to dtype (the old name logs a deprecation)."""
+    new_name = cls.__module__.startswith("transformers") and int(transformers.__version__.split(".")[0]) >= 5
+    return {"dtype" if new_name else "torch_dtype": dtype}
+
+
 def load_flux_folder(folder: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> FluxFolder:
     """Every part of a diffusers FLUX folder, frozen, in `dtype`."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FluxLoadError(f"model: {folder} is not a diffusers folder (no model_index.json)")
-    parts = {role: _from_folder(cls, folder, role, torch_dtype=dtype) for role, cls in (
-        ("transformer", FluxTransformer2DModel), ("text_encoder", CLIPTextModel),
-        ("text_encoder_2", T5EncoderModel), ("vae", AutoencoderKL))}
-    if not isinstance(parts["transformer"], FluxTransformer2DModel) or "in_channels" not in parts["transformer"].config:
-        raise FluxLoadError(f"transformer: {folder / 'transformer'} is not a FLUX transformer")
+    roles = (("transformer", FluxTransformer2DModel), ("text_encoder", CLIPTextModel),
+             ("text_encoder_2", T5EncoderModel), ("vae", AutoencoderKL))
+    parts = {role: _from_folder(cls, folder, role, **_dtype_kwarg(cls, dtype)) for role, cls in roles}
     for module in parts.values():
         module.eval().requires_grad_(False)
     variant = "dev" if parts["transformer"].config.guidance_embeds else "schnell"
