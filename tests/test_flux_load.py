@@ -243,8 +243,8 @@ def test_folder_errors_name_what_is_missing(tmp_path):
     with pytest.raises(fl.FluxLoadError, match=r"model: .* is not a diffusers folder \(no model_index.json\)"):
         fl.load_flux_folder(tmp_path)
     folder = save_flux_folder(tiny_flux("schnell"), tmp_path / "flux")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (folder / "tokenizer_2" / name).unlink()
+    for file in (folder / "tokenizer_2").iterdir():
+        file.unlink()
     with pytest.raises(fl.FluxLoadError, match=r"no T5 tokenizer .* found in:\n  .*tokenizer_2"):
         fl.load_flux_folder(folder)
     (folder / "vae" / "config.json").unlink()
