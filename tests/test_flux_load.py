@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from tests.flux_tiny import (diffusers_to_bfl, diffusers_vae_to_ldm, flux_forward, save_bfl_transformer,
-                             save_flux_files, save_flux_folder, tiny_flux, tiny_t5_tokenizer)
+from tests.flux_tiny import (clip_l_state_dict, diffusers_to_bfl, diffusers_vae_to_ldm, flux_forward,
+                             save_bfl_transformer, save_flux_files, save_flux_folder, tiny_flux, tiny_t5_tokenizer)
 from tests.tiny import tiny_vae
 from trainer.families import flux_load as fl
 
@@ -276,3 +277,35 @@ def test_full_size_layout_read_off_shapes(variant, tmp_path):
     assert config == published
     converted = fl.bfl_to_diffusers(bfl, config, tmp_path)
     assert {k: tuple(v.shape) for k, v in converted.items()} == want
+
+
+def test_full_size_components_read_off_shapes(tmp_path):
+    """FLUX.1's CLIP-L, T5-XXL and autoencoder (on the meta device, in the file layouts): the configs read
+    off the shapes match FLUX.1-dev's text_encoder, text_encoder_2 and vae config.json."""
+    t5_published = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
+                    "num_heads": 64, "relative_attention_num_buckets": 32, "dense_act_fn": "gelu_pytorch_tanh",
+                    "layer_norm_epsilon": 1e-6}
+    clip_published = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                      "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
+    ae_published = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 16,
+                    "use_quant_conv": False, "use_post_quant_conv": False, "scaling_factor": 0.3611,
+                    "shift_factor": 0.1159, "mid_block_add_attention": True, "norm_num_groups": 32}
+    with init_empty_weights():
+        t5 = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", **t5_published))
+        clip = CLIPTextModel(CLIPTextConfig(**clip_published))
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            **ae_published)
+    t5_cfg = fl.t5_config(t5.state_dict())
+    assert {k: getattr(t5_cfg, k) for k in t5_published} == t5_published and t5_cfg.is_gated_act
+    clip_sd = {k[len("text_model."):]: v for k, v in clip_l_state_dict(clip).items() if k.startswith("text_model.")}
+    clip_cfg = fl.clip_l_config(clip_sd)
+    assert {k: getattr(clip_cfg, k) for k in clip_published} == clip_published
+    ae_cfg = fl.ae_config(diffusers_vae_to_ldm(vae), tmp_path)
+    assert {k: ae_cfg[k] for k in ae_published} == ae_published
+
+
+def test_incomplete_component_file_is_named(files, tmp_path):
+    cut = _rewrite(files["t5xxl"], tmp_path / "t5-cut.safetensors",
+                   lambda sd: sd.pop("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"))
+    with pytest.raises(fl.FluxLoadError, match=r"t5xxl: .*t5-cut.safetensors is incomplete \(no encoder.block.0"):
+        fl.load_flux_components(files["clip_l"], cut, files["ae"])

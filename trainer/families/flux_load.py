@@ -225,6 +225,16 @@ def _prefix(keys: list[str], mark: str) -> str | None:
     return None if key is None else key[: -len(mark)]
 
 
+def clip_l_config(sd: dict[str, torch.Tensor]) -> CLIPTextConfig:
+    """OpenAI CLIP text config read off `embeddings.*`/`encoder.*` shapes (heads = hidden // 64)."""
+    vocab, hidden = sd["embeddings.token_embedding.weight"].shape
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_count(sd, "encoder.layers."), num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0], hidden_act="quick_gelu",
+        projection_dim=hidden, layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+
+
 def _clip_l(path: Path, keys: list[str], dtype: torch.dtype) -> CLIPTextModel:
     """OpenAI CLIP-L in transformers layout, under any prefix (ComfyUI writes `text_model.*`)."""
     prefix = _prefix(keys, CLIP_MARK)
@@ -233,21 +243,15 @@ def _clip_l(path: Path, keys: list[str], dtype: torch.dtype) -> CLIPTextModel:
                             f"(found keys like {_sample(keys)})")
     found = _read(path, keys, prefix, role="clip_l", dtype=dtype)
     part = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in found.items()}
-    vocab, hidden = part["embeddings.token_embedding.weight"].shape
-    cfg = CLIPTextConfig(  # heads = hidden // 64 is the CLIP convention (12 for CLIP-L)
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=part["encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_count(part, "encoder.layers."), num_attention_heads=max(1, hidden // 64),
-        max_position_embeddings=part["embeddings.position_embedding.weight"].shape[0], hidden_act="quick_gelu",
-        projection_dim=hidden, layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
     with init_empty_weights():  # buffers (position_ids) stay real
-        model = CLIPTextModel(cfg)
+        model = CLIPTextModel(clip_l_config(part))
     nested = any(k.startswith("text_model.") for k in model.state_dict())  # transformers 5 drops the level
     part = {("text_model." if nested else "") + k: v for k, v in part.items()
             if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) and not k.endswith("position_ids")}
     return _assign(model, part, role="clip_l", path=path)
 
 
-def _t5_config(sd: dict[str, torch.Tensor]) -> T5Config:
+def t5_config(sd: dict[str, torch.Tensor]) -> T5Config:
     """T5 v1.1 encoder config (FLUX's text_encoder_2) read off the shapes."""
     bias = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
@@ -277,13 +281,13 @@ def _t5xxl(path: Path, keys: list[str], dtype: torch.dtype) -> T5EncoderModel:
         raise FluxLoadError(f"t5xxl: {path} has no token embedding (shared.weight)")
     part["shared.weight"] = part["encoder.embed_tokens.weight"] = embed  # one tensor, tied as T5 ties them
     with init_empty_weights():
-        model = T5EncoderModel(_t5_config(part))
+        model = T5EncoderModel(t5_config(part))
     expected = set(model.state_dict())
     return _assign(model, {k: v for k, v in part.items() if k in expected or k.startswith("encoder.block.")},
                    role="t5xxl", path=path)
 
 
-def _ae_config(sd: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+def ae_config(sd: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
     """AutoencoderKL config of an ldm-layout autoencoder (BFL's ae.safetensors)."""
     levels = _count(sd, "encoder.down.")
     latent = sd["decoder.conv_in.weight"].shape[1]
@@ -309,7 +313,7 @@ def _ae(path: Path, keys: list[str], dtype: torch.dtype) -> AutoencoderKL:
     part = _read(path, keys, prefix, role="ae", dtype=dtype)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in part:
         raise FluxLoadError(f"ae: {path} is in diffusers layout; pass BFL's ae.safetensors or a diffusers folder")
-    config = _ae_config(part, path)
+    config = ae_config(part, path)
     converted = sfu.convert_ldm_vae_checkpoint(part, config)
     with init_empty_weights():
         model = AutoencoderKL.from_config(config)
@@ -322,7 +326,10 @@ def load_flux_components(clip_l: str | Path, t5xxl: str | Path, ae: str | Path, 
     parts = []
     for role, path, build in (("clip_l", clip_l, _clip_l), ("t5xxl", t5xxl, _t5xxl), ("ae", ae, _ae)):
         path = Path(path)
-        parts.append(build(path, read_keys(path, role=role), dtype))
+        try:
+            parts.append(build(path, read_keys(path, role=role), dtype))
+        except KeyError as exc:  # a shape the config is read from is missing
+            raise FluxLoadError(f"{role}: {path} is incomplete (no {exc.args[0]})") from exc
     return FluxComponents(*parts)
 
 
