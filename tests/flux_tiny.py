@@ -35,6 +35,7 @@ def t5_tokenizer_object():
     pieces += [("▁" + w, -2.0 - i * 0.01) for i, w in enumerate(T5_WORDS)]
     pieces += [("▁", -5.0)] + [(c, -6.0) for c in letters + list("0123456789.,!?'-")]
     tok = Tokenizer(models.Unigram(pieces, 2))
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])  # listed as special, as T5's tokenizer.json lists them
     try:  # tokenizers >= 0.19 replaced add_prefix_space with prepend_scheme
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")

@@ -1,6 +1,8 @@
 """FLUX.1 files written from tiny in-memory parts load back to the same weights and outputs."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -170,6 +172,21 @@ def test_t5_tokenizer_found_in_the_first_place_that_has_one(tmp_path):
         fl.find_t5_tokenizer([missing, empty])
     assert str(missing) in str(err.value) and str(empty) in str(err.value)
     assert "tokenizer.json or spiece.model" in str(err.value)
+
+
+def test_tokenizer_json_of_newer_tokenizers_loads_everywhere(tmp_path):
+    """tokenizers >= 0.19 write Metaspace with prepend_scheme/split and no add_prefix_space (so does the
+    T5 tokenizer.json some packages ship); A1111's tokenizers 0.13 cannot parse that as it is."""
+    folder = tmp_path / "tok"
+    tiny_t5_tokenizer().save_pretrained(str(folder))
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    for part in ("pre_tokenizer", "decoder"):
+        data[part] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(data), encoding="utf-8")
+    tok = fl.load_t5_tokenizer(newer)
+    assert tok(PROMPTS).input_ids == tiny_t5_tokenizer()(PROMPTS).input_ids
+    assert tok.decode(tok(PROMPTS[0]).input_ids, skip_special_tokens=True) == PROMPTS[0]
 
 
 def test_forge_install_places_searched(tmp_path):

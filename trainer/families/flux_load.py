@@ -6,6 +6,7 @@ FLUX folder. Configs are read off tensor shapes or local files; nothing is fetch
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -360,7 +361,23 @@ def forge_t5_tokenizers(forge_root: str | Path) -> list[Path]:
     return [Path(forge_root) / p for p in FORGE_T5_TOKENIZERS]
 
 
-def load_t5_tokenizer(path: str | Path, *, max_length: int = 512):
+def _tokenizer_from_json(file: Path) -> Any:
+    """A `tokenizers` Tokenizer; for tokenizers < 0.19 (A1111's 0.13) newer files get back the
+    Metaspace `add_prefix_space` flag that their `prepend_scheme` replaced."""
+    import tokenizers
+
+    text = file.read_text(encoding="utf-8")
+    if tuple(int(x) for x in tokenizers.__version__.split(".")[:2]) < (0, 19):
+        data = json.loads(text)
+        for part in (data.get("pre_tokenizer"), data.get("decoder")):
+            for step in [part or {}, *(part or {}).get("pretokenizers", [])]:
+                if step.get("type") == "Metaspace" and "add_prefix_space" not in step:
+                    step["add_prefix_space"] = step.get("prepend_scheme", "always") != "never"
+        text = json.dumps(data)
+    return tokenizers.Tokenizer.from_str(text)
+
+
+def load_t5_tokenizer(path: str | Path, *, max_length: int = 512) -> Any:
     """A fast T5 tokenizer from a tokenizer.json (or a folder with one, or with spiece.model)."""
     from transformers import PreTrainedTokenizerFast, T5TokenizerFast
 
@@ -369,7 +386,7 @@ def load_t5_tokenizer(path: str | Path, *, max_length: int = 512):
     specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": max_length}
     try:
         if file.is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=str(file), **specials)
+            return PreTrainedTokenizerFast(tokenizer_object=_tokenizer_from_json(file), **specials)
         return T5TokenizerFast.from_pretrained(str(path), local_files_only=True, **specials)
     except Exception as exc:  # the tokenizers library raises bare Exceptions for files it cannot parse
         raise FluxLoadError(f"t5 tokenizer: {path} could not be read ({exc})") from exc
