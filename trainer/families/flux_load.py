@@ -283,6 +283,8 @@ def _t5xxl(path: Path, keys: list[str], dtype: torch.dtype) -> T5EncoderModel:
     part["shared.weight"] = part["encoder.embed_tokens.weight"] = embed  # one tensor, tied as T5 ties them
     with init_empty_weights():
         model = T5EncoderModel(t5_config(part))
+    # Some transformers versions leave the tied embed_tokens out of the state dict; a block that does
+    # not fit the config still goes in, so that _assign names it.
     expected = set(model.state_dict())
     return _assign(model, {k: v for k, v in part.items() if k in expected or k.startswith("encoder.block.")},
                    role="t5xxl", path=path)
