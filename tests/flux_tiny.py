@@ -19,7 +19,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5Enc
 
 from tests.tiny import tiny_text_config
 from trainer.families.flux_load import AE_SCALING, AE_SHIFT, flux_scheduler
-from trainer.tokenizer import clip_tokenizer
+from trainer.families.tokenizer import clip_tokenizer
 
 T5_DIM = 32
 T5_WORDS = ("a photo of the cat dog on red blue green sitting table with in at sks person style "
