@@ -268,3 +268,13 @@ def flux_inputs(variant: str, seed: int = 1, side: int = 4, tokens: int = 8) -> 
 @torch.no_grad()
 def flux_forward(model: FluxTransformer2DModel, variant: str, seed: int = 1) -> torch.Tensor:
     return model(**flux_inputs(variant, seed), return_dict=False)[0]
+
+
+def tiny_flux_bundle(variant: str = "dev", seed: int = 0):
+    """The tiny parts as a ModelBundle of the FLUX family (what a loader or host hands the engine)."""
+    from trainer.families.bundle import ModelBundle
+
+    parts = tiny_flux(variant, seed=seed)
+    return ModelBundle(family="flux", unet=parts.transformer, vae=parts.vae, text_encoders=[parts.clip_l, parts.t5xxl],
+                       tokenizers=[clip_tokenizer("<|endoftext|>"), tiny_t5_tokenizer()],
+                       noise_scheduler=flux_scheduler(variant), name=f"tiny-flux-{variant}")
