@@ -84,7 +84,10 @@ def _outputs(out: object) -> list[torch.Tensor]:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward (gradient checkpointing recomputes forwards there)."""
+    """True while autograd runs a backward (gradient checkpointing recomputes forwards there).
+
+    The same private query torch.utils.checkpoint makes (PyTorch 2.0 and newer).
+    """
     return torch._C._current_graph_task_id() != -1
 
 
@@ -128,7 +131,8 @@ class BlockSwap:
         if i in self.resident:
             return
         if len(self.resident) >= self.keep:
-            if backward:  # blocks after i are done; else the lowest one is needed last
+            # a block already passed in this direction goes first; else the one needed last
+            if backward:
                 done = [r for r in self.resident if r > i]
                 victim = max(done) if done else min(self.resident)
             else:
