@@ -182,3 +182,14 @@ def test_remove_restores_plain_linears_with_rounded_weights():
     assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.LayerNorm, nn.Linear]
     assert "compute_dtype" not in model[0].__dict__
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
+def test_blocks_only_keeps_the_model_reporting_its_compute_dtype():
+    """Converted whole, the model's first Parameter (and diffusers' model.dtype) reads float8;
+    converted block by block (over 99% of FLUX's weights), the model still reads bf16."""
+    whole, blocks_only = tiny_flux().to(BF16), tiny_flux().to(BF16)
+    apply_fp8_base(whole, BF16)
+    assert whole.dtype == FP8 and next(whole.parameters()).dtype == FP8
+    n = sum(apply_fp8_base(b, BF16) for b in flux_blocks(blocks_only))
+    assert n == sum(fp8_layers(b) for b in flux_blocks(blocks_only)) > 0 and fp8_layers(blocks_only) == n
+    assert blocks_only.dtype == BF16 and next(blocks_only.parameters()).dtype == BF16
