@@ -63,8 +63,10 @@ def synchronize(device: torch.device | str) -> None:
     current = accel.current_accelerator() if accel is not None and accel.is_available() else None
     if current is not None and current.type == dev.type:
         accel.synchronize(dev)
-    elif dev.type == "cuda" and torch.cuda.is_available():  # PyTorch before torch.accelerator
-        torch.cuda.synchronize(dev)
+    else:  # PyTorch before torch.accelerator: the backend module of that name (torch.xpu, …)
+        backend = getattr(torch, dev.type, None)
+        if backend is not None and hasattr(backend, "synchronize") and backend.is_available():
+            backend.synchronize()
 
 
 def check_blocks_to_swap(n: object, count: int) -> int:
