@@ -158,3 +158,19 @@ def test_ddpm_only_settings_are_refused_or_left_out_with_a_message(tmp_path, log
     result = Trainer(flux_job(tmp_path, "LoRA", train_iterations=1, train_snr_gamma=5.0), host, device="cpu").run()
     assert result.status == "done"
     assert any("train_snr_gamma 5" in (e.message or "") for e in host.events)
+
+
+def test_file_family_reads_only_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer.families import file_family
+
+    bfl = {k: v.contiguous() for k, v in diffusers_to_bfl(tiny_flux_bundle().unet.state_dict()).items()}
+    save_file(bfl, str(tmp_path / "flux1-dev.safetensors"))
+    assert file_family(tmp_path / "flux1-dev.safetensors") == "flux"
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    assert file_family(tmp_path / "other.safetensors") is None
+    assert file_family(tmp_path / "missing.safetensors") is None
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    assert file_family(tmp_path / "folder") == "flux"

@@ -6,6 +6,7 @@ the sampling pipeline of each family live in this package, and nowhere else.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
@@ -20,7 +21,7 @@ from .sdxl import SDXL
 # are told apart by checkpoint.detect_unet_family.
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux())}
 
-__all__ = ["FAMILIES", "Family", "detect_family", "family_names", "get_family"]
+__all__ = ["FAMILIES", "Family", "detect_family", "family_names", "file_family", "get_family"]
 
 
 def family_names() -> tuple[str, ...]:
@@ -47,3 +48,29 @@ def detect_family(keys: Iterable[str] | Mapping[str, torch.Tensor], *, name: str
         if family.claims(key_list, state_dict):
             return family
     return FAMILIES[detect_unet_family(state_dict or key_list, name=name)]
+
+
+def file_family(path: str | Path) -> str | None:
+    """The family name of a model file or diffusers folder from its header alone (no tensor is read);
+    None when it cannot be told (a missing or unreadable file, another kind of file)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+            kind = str(index.get("_class_name", ""))
+            if kind.startswith("Flux"):
+                return "flux"
+            if "XL" in kind:
+                return "sdxl"
+            return None
+        if path.suffix.lower() not in (".safetensors", ".sft"):
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+        return detect_family(keys, name=str(path)).name
+    except (OSError, ValueError, SafetensorError):
+        return None
