@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", required=True, help="preset JSON file, or a preset name in presets/")
     parser.add_argument("--model", help="checkpoint file or diffusers folder (overrides the preset's model)")
     parser.add_argument("--vae", help="separate VAE file (overrides the preset's vae)")
+    parser.add_argument("--clip-l", dest="clip_l", help="FLUX: the CLIP-L text encoder file (sets clip_l)")
+    parser.add_argument("--t5xxl", help="FLUX: the T5-XXL text encoder file (sets t5xxl)")
+    parser.add_argument("--ae", help="FLUX: the autoencoder file (sets ae)")
     parser.add_argument("--lora-dir", default="output", help="where the network is written (default: ./output)")
     parser.add_argument("--models-dir", action="append", default=[], help="folder to look up model names in (repeatable)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -113,8 +116,9 @@ def load_config(args: argparse.Namespace, warn: bool = True) -> TrainConfig:
     overrides, second = parse_sets(args.sets)
     if args.model:
         overrides["model"] = args.model
-    if args.vae:
-        overrides["vae"] = args.vae
+    for key in ("vae", "clip_l", "t5xxl", "ae"):
+        if getattr(args, key):
+            overrides[key] = getattr(args, key)
     cfg = cfg.with_overrides(overrides)
     if second:
         cfg = cfg.with_overrides({SECOND_PASS_KEY: {**cfg.second_pass, **second}})

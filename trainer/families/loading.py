@@ -151,17 +151,34 @@ def load_vae_file(path: str | Path, *, scaling_factor: float = SD_VAE_SCALE,
     return finish(vae, dtype, device or torch.device("cpu"))
 
 
+def _flux_model(path: Path) -> bool:
+    from . import file_family
+
+    return file_family(path) == "flux"
+
+
 def load_model(path: str | Path, *, vae: str | Path | None = None, v_pred: bool | None = None,
-               dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> ModelBundle:
+               dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+               components: dict[str, str | Path | None] | None = None,
+               tokenizer_extra: tuple[Path, ...] = ()) -> ModelBundle:
     """A diffusers folder, or an ldm single file (.safetensors, or a weights-only .ckpt/.pt/.pth).
 
     A same-name .yaml next to a single file is used as its original config.
     `vae` replaces the model's VAE. `v_pred=True` forces v-prediction; None or
     False means "detect" (yaml, a `v_pred` key, the scheduler config, or A1111's
-    SD2 test).
+    SD2 test). `components` names a FLUX model's separate clip_l, t5xxl and ae files (`vae`
+    stands for the autoencoder when ae is not given); `tokenizer_extra` adds places to look for
+    T5's tokenizer.
     """
     path = Path(path)
     device = device or torch.device("cpu")
+    if _flux_model(path):
+        from .flux_files import load_flux_diffusers, load_flux_files
+
+        if path.is_dir():
+            return load_flux_diffusers(path, dtype=dtype, device=device)
+        parts = {"ae": vae, **{k: v for k, v in (components or {}).items() if v}}
+        return load_flux_files(path, parts, dtype=dtype, device=device, tokenizer_extra=tokenizer_extra)
     if path.is_dir():
         bundle = _load_folder(path, v_pred=v_pred)
         for module in bundle.modules():

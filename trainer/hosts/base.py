@@ -122,12 +122,15 @@ class StandaloneHost:
 
         path = find_model(cfg.model, self.model_dirs).resolve()
         vae = find_model(cfg.vae, self.vae_dirs, "vae").resolve() if cfg.vae else None
+        parts = {role: str(find_model(getattr(cfg, role), self.model_dirs + self.vae_dirs, role).resolve())
+                 for role in ("clip_l", "t5xxl", "ae") if getattr(cfg, role)}
         v_pred = True if cfg.model_v_pred else None
-        key = (str(path), str(vae), str(dtype), v_pred)
+        key = (str(path), str(vae), str(dtype), v_pred, tuple(sorted(parts.items())))
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         self._cached = None  # let the old model go before loading the next
-        bundle = load_model(path, vae=vae, v_pred=v_pred, dtype=dtype, device=torch.device("cpu"))
+        bundle = load_model(path, vae=vae, v_pred=v_pred, dtype=dtype, device=torch.device("cpu"),
+                            components=parts)
         self._cached = (key, bundle)
         return bundle
 
