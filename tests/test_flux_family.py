@@ -93,14 +93,14 @@ def test_lora_on_flux_learns_its_image(tmp_path, logs):
                    train_batch_size=1, model_prediction_type="raw", timestep_sampling="uniform")
     host = MemoryHost(tmp_path / "out", bundle=tiny_flux_bundle())
     bundle = host.bundle
-    Flux().prepare(bundle, cfg)
+    Flux().prepare(bundle, cfg, torch.device("cpu"))
     latent = single_pair(cfg, bundle, device=torch.device("cpu"), orig_caption="", targ_caption="",
                          should_stop=lambda: False).origs.samples[0].latent[None].repeat(4, 1, 1, 1)
     before = flow_eval_loss(bundle, latent, "a photo of a cat")
     result = Trainer(cfg, host, device="cpu").run()
     assert result.status == "done"
     fresh = tiny_flux_bundle()
-    Flux().prepare(fresh, cfg)
+    Flux().prepare(fresh, cfg, torch.device("cpu"))
     with loaded(fresh, cfg, result.output):
         after = flow_eval_loss(fresh, latent, "a photo of a cat")
     assert after < 0.85 * before, (before, after)  # measured: 1.35 -> 1.03
@@ -126,11 +126,11 @@ def test_ileco_erases_on_flux_as_on_sd1(tmp_path, logs):
     cfg = flux_job(tmp_path, "iLECO", original_prompt="a cat", target_prompt="", train_iterations=40,
                    train_learning_rate=2e-3, model_prediction_type="raw")
     host = MemoryHost(tmp_path / "out", bundle=tiny_flux_bundle())
-    Flux().prepare(host.bundle, cfg)
+    Flux().prepare(host.bundle, cfg, torch.device("cpu"))
     start = ileco_gap(host.bundle)
     result = Trainer(cfg, host, device="cpu").run()
     fresh = tiny_flux_bundle()
-    Flux().prepare(fresh, cfg)
+    Flux().prepare(fresh, cfg, torch.device("cpu"))
     with loaded(fresh, cfg, result.output) as (net,):
         after = ileco_gap(fresh, net)
     assert after ** 0.5 < 0.5 * start ** 0.5, (start, after)
@@ -142,7 +142,7 @@ def test_a_flux_file_loads_back_into_the_same_network(tmp_path, logs):
     result = Trainer(cfg, host, device="cpu").run()
     written = load_file(str(result.output))
     fresh = tiny_flux_bundle()
-    Flux().prepare(fresh, cfg)
+    Flux().prepare(fresh, cfg, torch.device("cpu"))
     with loaded(fresh, cfg, result.output) as (net,):
         again = net.state_dict_kohya()
     assert set(again) == set(written)
@@ -174,3 +174,31 @@ def test_file_family_reads_only_the_header(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     assert file_family(tmp_path / "folder") == "flux"
+
+
+def test_block_swap_trains_the_same_network_as_without(tmp_path, logs):
+    """On the CPU the moves are no-ops, so the swapped run must equal the plain one exactly."""
+    files = []
+    for swap in (0, 2):
+        cfg = flux_job(tmp_path, "LoRA", train_iterations=3, blocks_to_swap=swap, save_lora_name=f"swap{swap}",
+                       network_blocks=["IN01"])  # no BASE: the text encoder does not train
+        host = MemoryHost(tmp_path / f"out{swap}", bundle=tiny_flux_bundle())
+        result = Trainer(cfg, host, device="cpu").run()
+        assert result.status == "done"
+        assert "block_swap" not in host.bundle.extra  # unhooked after the pass
+        files.append(load_file(str(result.output)))
+    assert set(files[0]) == set(files[1])
+    assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+
+@pytest.mark.parametrize("over,key", [
+    (dict(fp8_base=True), "fp8_base"),
+    (dict(blocks_to_swap=2, network_blocks=["BASE", "IN01"]), "blocks_to_swap"),  # the text encoder trains
+    (dict(blocks_to_swap=3), "blocks_to_swap"),  # 4 blocks: two must stay on the device
+])
+def test_memory_options_are_refused_where_they_cannot_work(tmp_path, logs, over, key):
+    host = MemoryHost(tmp_path / "out", bundle=tiny_flux_bundle())
+    with pytest.raises(ConfigError) as info:
+        Trainer(flux_job(tmp_path, "LoRA", train_iterations=1, **over), host, device="cpu").run()
+    assert info.value.key == key
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

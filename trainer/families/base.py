@@ -91,9 +91,14 @@ class Family:
         messages about settings it trains without (the job shows them)."""
         return []
 
-    def prepare(self, bundle: ModelBundle, cfg: Any) -> None:
+    def prepare(self, bundle: ModelBundle, cfg: Any, device: torch.device) -> None:
         """Take a pass's settings that prompt encoding, the forward and sampling need
-        (kept in ``bundle.extra``, so each job sets its own)."""
+        (kept in ``bundle.extra``, so each job sets its own), before its network is built."""
+
+    def place(self, bundle: ModelBundle, cfg: Any, device: torch.device) -> Callable[[], None] | None:
+        """Put the frozen denoiser on the training device; returns what undoes any special placement."""
+        bundle.unet.to(device)
+        return None
 
     def latent_multiple(self, bundle: ModelBundle) -> int:
         """Pixel sizes must be multiples of this for the denoiser to accept them."""

@@ -135,15 +135,46 @@ class Flux(Family):
             raise ConfigError("huber_schedule", cfg.huber_schedule,
                               f"{self.label} takes a constant Huber c (huber_schedule constant)")
         flow_options(cfg)
+        if cfg.blocks_to_swap and cfg.trains_text_encoder:
+            raise ConfigError("blocks_to_swap", cfg.blocks_to_swap, "works with the transformer's network only; "
+                                                                   "turn text-encoder training off (BASE)")
         if cfg.train_snr_gamma > 0:
             return [f"train_snr_gamma {cfg.train_snr_gamma:g} {flow_schedule}; this job trains without it "
                     "(weighting_scheme sets the flow weighting)"]
         return []
 
-    def prepare(self, bundle: ModelBundle, cfg: Any) -> None:
+    def prepare(self, bundle: ModelBundle, cfg: Any, device: torch.device) -> None:
         length = int(cfg.t5xxl_max_token_length) or (512 if self.is_dev(bundle) else 256)
         bundle.extra["flux"] = {"flow": flow_options(cfg), "guidance": float(cfg.guidance_scale),
                                 "t5_length": length, "t5_mask": bool(cfg.apply_t5_attn_mask)}
+        if cfg.fp8_base:
+            from ..training.blockswap import flux_blocks
+            from ..training.fp8 import apply_fp8_base, check_fp8
+
+            check_fp8(device, dora=bool(cfg.network_dora))
+            if not bundle.extra.get("fp8_base"):  # a loader keeps the converted model for fp8 jobs only
+                dtype = next(bundle.unet.parameters()).dtype
+                for block in flux_blocks(bundle.unet):
+                    apply_fp8_base(block, dtype)
+                bundle.extra["fp8_base"] = True
+
+    def place(self, bundle: ModelBundle, cfg: Any, device: torch.device) -> Callable[[], None] | None:
+        """With blocks_to_swap, only the blocks that compute next are on the device."""
+        if not cfg.blocks_to_swap:
+            bundle.unet.to(device)
+            return None
+        from ..training.blockswap import enable_block_swap, flux_blocks, move_except
+
+        blocks = flux_blocks(bundle.unet)
+        move_except(bundle.unet, blocks, device)
+        swap = enable_block_swap(blocks, int(cfg.blocks_to_swap), device=device)
+        bundle.extra["block_swap"] = swap
+
+        def undo() -> None:
+            bundle.extra.pop("block_swap", None)
+            swap.remove()
+
+        return undo
 
     @staticmethod
     def _settings(bundle: ModelBundle) -> dict:
@@ -196,6 +227,9 @@ class Flux(Family):
                 time_ids: torch.Tensor | None, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Pack, run the transformer, unpack, then the model_prediction_type transform."""
         s = self._settings(bundle)
+        swap = bundle.extra.get("block_swap")
+        if swap is not None:
+            swap.prepare()
         b, _, h, w = noisy.shape
         txt = cond.hidden.to(device, dtype)
         guidance = torch.full((b,), s["guidance"], device=device, dtype=dtype) if self.is_dev(bundle) else None

@@ -125,7 +125,8 @@ class StandaloneHost:
         parts = {role: str(find_model(getattr(cfg, role), self.model_dirs + self.vae_dirs, role).resolve())
                  for role in ("clip_l", "t5xxl", "ae") if getattr(cfg, role)}
         v_pred = True if cfg.model_v_pred else None
-        key = (str(path), str(vae), str(dtype), v_pred, tuple(sorted(parts.items())))
+        # fp8 base weights change the loaded model, so such a model serves fp8 jobs only
+        key = (str(path), str(vae), str(dtype), v_pred, tuple(sorted(parts.items())), bool(cfg.fp8_base))
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         self._cached = None  # let the old model go before loading the next

@@ -136,7 +136,7 @@ class Trainer:
                 if index > 1 and self.stop.requested:
                     raise JobStopped()  # between passes: the next one does not even start
                 self.emit(pass_index=index, total=spec.cfg.train_iterations, step=0)
-                bundle.family.prepare(bundle, spec.cfg)
+                bundle.family.prepare(bundle, spec.cfg, self.device)
                 runner = PassRunner(self, mode, spec, plan, bundle, model_dtype, seed, started, frozen, index)
                 out = runner.run(result)
                 if out is not None and spec.keep_applied:

@@ -42,6 +42,7 @@ class PassRunner:
         self.resume_file: Path | None = None  # the network_resume file, once found
         self.resume = None  # its ResumeState when a <name>-state/ folder is next to it
         self.live = None  # trainstate.Live while the step loop runs (for save_state)
+        self.unplace_denoiser = None  # undoes the family's placement of the denoiser (block swap)
 
     # ---- set-up ----------------------------------------------------------
     def _build_network(self):
@@ -69,7 +70,7 @@ class PassRunner:
     def _place_modules(self, trains_te: bool) -> None:
         """Frozen weights on the device; gradient checkpointing as asked."""
         dev = self.t.device
-        self.bundle.unet.to(dev)
+        self.unplace_denoiser = self.bundle.family.place(self.bundle, self.cfg, dev)
         for te in self.bundle.text_encoders:
             te.to(dev)
         if self.cfg.use_gradient_checkpointing:
@@ -79,6 +80,9 @@ class PassRunner:
                     te.gradient_checkpointing_enable()
 
     def _unplace(self) -> None:
+        if self.unplace_denoiser is not None:
+            self.unplace_denoiser()
+            self.unplace_denoiser = None
         if self.cfg.use_gradient_checkpointing:
             self.bundle.unet.disable_gradient_checkpointing()
             for te in self.bundle.text_encoders:

@@ -32,6 +32,8 @@ class FlowOptions:
     mode_scale: float = param("float", 1.29, "Mode scale", "Scale of the mode density (between -1 and 1.75).", minimum=-1, maximum=MODE_SCALE_MAX, group="flow", families=FLUX)
     model_prediction_type: str = param("choice", "sigma_scaled", "Model prediction type", "raw: the output is the velocity; additive: output + noisy input; sigma_scaled: output·(−σ) + noisy input (sd-scripts' default; its docs now recommend raw).", choices=PREDICTION_TYPES, group="flow", families=FLUX)
     t5xxl_max_token_length: int = param("int", 0, "T5 tokens", "T5-XXL prompt length; 0 is the model's own (512 for dev, 256 for schnell).", minimum=0, maximum=512, group="flow", families=FLUX)
+    blocks_to_swap: int = param("int", 0, "Blocks to swap", "FLUX: keep this many transformer blocks in CPU memory and move each to the device only while it computes (forward and backward): less device memory, slower steps. sd-scripts' figures: 16 GB with swap, 12 GB with 16 blocks and 8-bit AdamW.", minimum=0, maximum=100, group="flow", families=FLUX)
+    fp8_base: bool = param("bool", False, "fp8 base weights", "FLUX: store the frozen transformer's Linear weights in float8 (e4m3) and compute in bf16: about half the weight memory. Needs an accelerator.", group="flow", families=FLUX)
     apply_t5_attn_mask: bool = param("bool", False, "T5 attention mask", "Mask T5's padding tokens when encoding prompts, and zero their outputs.", group="flow", families=FLUX)
 
     def check(self) -> None:
