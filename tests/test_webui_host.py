@@ -283,3 +283,34 @@ def test_forge_holding_an_sdxl_refiner_is_refused_with_a_message(tmp_path):
         del model.forge_objects.clip.cond_stage_model.clip_l
         with pytest.raises(ConfigError, match="SDXL refiner"):
             WebUIHost().load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+
+
+@pytest.mark.parametrize("kind", ["a1111", "forge"])
+def test_a_flux_checkpoint_is_read_from_its_files_with_a_message(kind, tmp_path, monkeypatch):
+    """Neither WebUI can lend FLUX weights to train: the job reads the checkpoint and the parts the
+    user picked from the WebUI's model folders, and says why."""
+    from tests.flux_tiny import save_flux_files, t5_tokenizer_object, tiny_flux
+
+    models = tmp_path / "models"
+    files = save_flux_files(tiny_flux("dev"), models / "Stable-diffusion")
+    (models / "text_encoder").mkdir()
+    for role in ("clip_l", "t5xxl"):
+        files[role].rename(models / "text_encoder" / files[role].name)
+    t5_tokenizer_object().save(str(models / "text_encoder" / "tokenizer.json"))
+    with fake_webui(kind) as w:
+        import modules.paths
+
+        from trainer.hosts.webui import WebUIHost
+
+        monkeypatch.setattr(modules.paths, "models_path", str(models))
+        info = w.sd_models.checkpoint_info(files["transformer"], "flux1-dev")
+        w.sd_models.checkpoints_list[info.title] = info
+        cfg = quick_config(tmp_path, model=info.title, clip_l="clip_l", t5xxl="t5xxl_fp16.safetensors", ae="ae")
+        bundle = WebUIHost().load_bundle(cfg, dtype=torch.float32, device=CPU)
+        assert bundle.family.name == "flux" and not bundle.extra.get("reused_from_host")
+        assert "flux1-dev.safetensors" in bundle.extra["trains_on"]
+        assert ("cannot hold FLUX" if kind == "a1111" else "inference only") in bundle.extra["trains_on"]
+        with pytest.raises(ConfigError) as err:
+            WebUIHost().load_bundle(quick_config(tmp_path, model=info.title, clip_l="/etc/passwd"),
+                                    dtype=torch.float32, device=CPU)
+        assert err.value.key == "clip_l" and "model folders" in str(err.value)

@@ -142,6 +142,9 @@ class WebUIHost:
     def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:
         from ..families.loading import load_model, load_vae_file
 
+        flux = self._flux_from_files(cfg, dtype)
+        if flux is not None:
+            return flux
         lossy = self._forge_lossy_storage() if self.is_loaded(cfg.model) else None
         if lossy or not self.is_loaded(cfg.model):
             path = self.checkpoint_path(cfg.model)
@@ -157,6 +160,66 @@ class WebUIHost:
             bundle.vae = load_vae_file(self._vae_path(cfg.vae), scaling_factor=bundle.vae_scale,
                                        dtype=next(bundle.vae.parameters()).dtype)
         return bundle
+
+    # ---- FLUX: always from its files ----------------------------------------------------------------
+    COMPONENT_DIRS = ("text_encoder", "clip", "VAE", "vae", "Stable-diffusion")
+
+    def _flux_from_files(self, cfg: TrainConfig, dtype: torch.dtype) -> ModelBundle | None:
+        """A FLUX checkpoint is read from its files: A1111 cannot hold FLUX, and Forge holds it for
+        inference (fp8/nf4/gguf storage under inference mode), which cannot be trained in place."""
+        from ..families import file_family
+        from ..families.loading import load_model
+
+        info = self._loaded_info() if self.is_loaded(cfg.model) else None
+        filename = getattr(info, "filename", "") if info is not None else ""
+        path = Path(filename) if filename else self.checkpoint_path(cfg.model)
+        if file_family(path) != "flux":
+            return None
+        parts = {role: str(self._component(role, getattr(cfg, role)))
+                 for role in ("clip_l", "t5xxl", "ae") if getattr(cfg, role)}
+        bundle = load_model(path, dtype=dtype, device=torch.device("cpu"), components=parts,
+                            tokenizer_extra=tuple(self._t5_tokenizer_places()))
+        why = ("AUTOMATIC1111 cannot hold FLUX" if self.kind == "a1111" else
+               "Forge holds FLUX for inference only, in storage that cannot be trained in place")
+        bundle.extra["trains_on"] = f"training on {path.name} and its text encoder and autoencoder files ({why})"
+        console(bundle.extra["trains_on"])
+        return bundle
+
+    def _component(self, role: str, name: str) -> Path:
+        """A FLUX part the user picked: a file in the WebUI's text encoder, CLIP, VAE or checkpoint folders."""
+        from modules import paths
+
+        from ..fsutil import inside
+
+        roots = [Path(paths.models_path) / d for d in self.COMPONENT_DIRS]
+        for root in roots:
+            for candidate in (root / name, root / f"{name}.safetensors", root / f"{name}.sft"):
+                # only the WebUI's own files: a job (perhaps from the API) never names any other
+                if candidate.is_file() and inside(root, candidate):
+                    return candidate
+        listing = ", ".join(str(r) for r in roots)
+        raise ConfigError(role, name, f"is not a file in the WebUI's model folders ({listing})")
+
+    def _t5_tokenizer_places(self) -> list[Path]:
+        """Forge ships T5's tokenizer with its FLUX configs."""
+        if self.kind != "forge":
+            return []
+        from modules import paths
+
+        from ..families.flux_load import forge_t5_tokenizers
+
+        return forge_t5_tokenizers(getattr(paths, "script_path", Path(paths.models_path).parent))
+
+    def list_components(self) -> list[str]:
+        """Files the FLUX part pickers offer: the WebUI's text encoders and VAEs."""
+        from modules import paths
+
+        found = set()
+        for d in self.COMPONENT_DIRS[:4]:
+            root = Path(paths.models_path) / d
+            if root.is_dir():
+                found.update(p.name for p in root.iterdir() if p.suffix.lower() in (".safetensors", ".sft"))
+        return sorted(found)
 
     def _forge_lossy_storage(self) -> str | None:
         from modules import shared
