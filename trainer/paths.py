@@ -29,3 +29,8 @@ def presets_dir() -> Path:
 def jsons_dir() -> Path:
     """Per-run settings JSON files (save_as_json)."""
     return _dir("TRAINDECK_JSONS", ROOT / "jsons")
+
+
+def t5_tokenizer_candidates() -> list[Path]:
+    """Where FLUX.1 jobs look for T5's tokenizer.json of their own, in order (install.py fetches it there)."""
+    return [cache_dir() / "t5" / "tokenizer.json"]
