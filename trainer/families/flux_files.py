@@ -20,10 +20,10 @@ COMPONENTS = ("clip_l", "t5xxl", "ae")
 def tokenizer_places(model: Path, t5xxl: Path, extra: Iterable[Path] = ()) -> list[Path]:
     """Where T5's tokenizer is looked for, in order: next to the T5 file or the model, the caller's
     places (a WebUI's own copy), then the project's cache (filled by install.py)."""
-    from ..paths import cache_dir
+    from ..paths import t5_tokenizer_candidates
 
     near = [p for d in dict.fromkeys((t5xxl.parent, model.parent)) for p in (d / "tokenizer.json", d / "t5_tokenizer")]
-    return [*near, *extra, cache_dir() / "t5" / "tokenizer.json"]
+    return [*near, *extra, *t5_tokenizer_candidates()]
 
 
 def _component_paths(model: Path, components: Mapping[str, str | Path | None]) -> dict[str, Path]:
