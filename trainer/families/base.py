@@ -42,6 +42,7 @@ class Family:
     v_pred_detectable: ClassVar[bool] = False  # A1111's output test tells v-prediction apart
     host_clip_skip_limit: ClassVar[int] = 99   # the highest clip skip a WebUI applies to this family
     applies_clip_skip: ClassVar[bool] = False  # A1111's CLIP skip applies (SD1 only)
+    host_weights: ClassVar[bool] = True  # a WebUI's loaded weights can be trained (not FLUX's inference storage)
 
     def __str__(self) -> str:
         return self.name

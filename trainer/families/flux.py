@@ -88,6 +88,7 @@ class Flux(Family):
     model_version = "flux1"
     modelspec_arch = "flux-1-dev"
     implementation = "https://github.com/black-forest-labs/flux"
+    host_weights = False  # A1111 cannot hold FLUX; Forge holds it in inference-only storage
     double_blocks: ClassVar[int] = 19  # FLUX.1's own counts, for the block-ID list
     single_blocks: ClassVar[int] = 38
 

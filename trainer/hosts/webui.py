@@ -167,13 +167,14 @@ class WebUIHost:
     def _flux_from_files(self, cfg: TrainConfig, dtype: torch.dtype) -> ModelBundle | None:
         """A FLUX checkpoint is read from its files: A1111 cannot hold FLUX, and Forge holds it for
         inference (fp8/nf4/gguf storage under inference mode), which cannot be trained in place."""
-        from ..families import file_family
+        from ..families import file_family, get_family
         from ..families.loading import load_model
 
         info = self._loaded_info() if self.is_loaded(cfg.model) else None
         filename = getattr(info, "filename", "") if info is not None else ""
         path = Path(filename) if filename else self.checkpoint_path(cfg.model)
-        if file_family(path) != "flux":
+        family = file_family(path)
+        if family is None or get_family(family).host_weights:
             return None
         parts = {role: str(self._component(role, getattr(cfg, role)))
                  for role in ("clip_l", "t5xxl", "ae") if getattr(cfg, role)}
