@@ -3,7 +3,7 @@
     python bench/flux_step.py [--quick] [--steps N] [--warmup N] [--rounds R] [--threads N] [--size bench|tiny]
 
 The model is a random FLUX.1-dev-architecture transformer built in code (diffusers'
-FluxTransformer2DModel): 3 double + 6 single blocks, 6 heads of 64 (384 wide, ~29M parameters),
+FluxTransformer2DModel): 3 double + 6 single blocks, 6 heads of 64 (384 wide, 30.3M parameters),
 FLUX.1's rotary split at that head size; 256 px images give 32x32 latents, packed 2x2 into 256
 image tokens, next to 64 T5 tokens. The text encoders and the autoencoder are the tests' tiny
 ones: with cached latents and captions they run before training only.
@@ -174,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps dropped per segment (quick 3, full 6)")
     p.add_argument("--rounds", type=int, default=None, help="trainer segments (quick 2, full 4)")
     p.add_argument("--size", choices=tuple(SIZES), default="bench",
-                   help="bench: the ~29M-parameter transformer; tiny: a check of the bench itself")
+                   help="bench: the 30.3M-parameter transformer; tiny: a check of the bench itself")
     p.add_argument("--threads", default="auto",
                    help="torch threads; auto = torch's default, or fewer when other work holds a core")
     args = p.parse_args(argv)
