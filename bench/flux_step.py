@@ -26,7 +26,6 @@ import copy
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
