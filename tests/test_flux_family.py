@@ -51,7 +51,7 @@ def test_packing_round_trips_and_ids_follow_rows_and_columns():
     assert ids[1 * 4 + 2].tolist() == [0.0, 1.0, 2.0]
 
 
-@pytest.mark.parametrize("mode", ["LoRA", "iLECO", "Difference", "ADDifT"])
+@pytest.mark.parametrize("mode", ["LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT"])
 def test_every_mode_trains_flux_and_writes_sd_scripts_keys(tmp_path, logs, mode):
     cfg = flux_job(tmp_path, mode, train_iterations=2)
     host = MemoryHost(tmp_path / "out", bundle=tiny_flux_bundle())
@@ -202,3 +202,19 @@ def test_memory_options_are_refused_where_they_cannot_work(tmp_path, logs, over,
         Trainer(flux_job(tmp_path, "LoRA", train_iterations=1, **over), host, device="cpu").run()
     assert info.value.key == key
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_resume_from_a_saved_state_matches_the_uninterrupted_flux_run(tmp_path, logs):
+    """save_state at step 3 of 6, then network_resume of that file: the same final file as one run."""
+    run = dict(train_iterations=6, save_state=True, train_lr_scheduler="cosine", train_batch_size=1)
+    whole = Trainer(flux_job(tmp_path, "LoRA", save_lora_name="whole", save_per_steps=3, **run),
+                    MemoryHost(tmp_path / "a", bundle=tiny_flux_bundle()), device="cpu").run()
+    assert whole.status == "done" and (tmp_path / "a" / "whole_3steps-state").is_dir()
+    resumed = Trainer(flux_job(tmp_path, "LoRA", save_lora_name="resumed",
+                               network_resume=str(tmp_path / "a" / "whole_3steps.safetensors"), **run),
+                      MemoryHost(tmp_path / "b", bundle=tiny_flux_bundle()), device="cpu").run()
+    assert resumed.status == "done" and resumed.steps == 6
+    a, b = load_file(str(whole.output)), load_file(str(resumed.output))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
