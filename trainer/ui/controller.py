@@ -122,6 +122,28 @@ class Controller:
         except ConfigError as exc:
             raise _renamed(exc, names) from None
 
+    def model_family(self, name: str | None) -> str | None:
+        """The family of the model the form names, from its file's header (the fields shown depend on it).
+
+        Empty means the default: the WebUI's loaded checkpoint, or the app's fallback model. None
+        when it cannot be told: a name the host does not list, a missing file, a .ckpt, a folder
+        that does not say. Only models the host offers are read, as for jobs (see `admit`).
+        """
+        from ..families import file_family
+        from ..hosts.base import find_model
+
+        name = (name or "").strip() or self.fallbacks.get("model", "")
+        folders = getattr(self.host, "model_dirs", [])
+        resolve = getattr(self.host, "checkpoint_path", None)  # the WebUI's titles -> files
+        if not name and resolve is None:
+            return None
+        try:
+            _listed("model", name, self.host.list_models(), folders)
+            path = resolve(name) if resolve is not None else find_model(name, folders)
+        except ConfigError:
+            return None
+        return file_family(path)
+
     # ---- jobs -------------------------------------------------------------------------
     def admit(self, cfg: TrainConfig) -> TrainConfig:
         """Jobs from the UI and the API read models and networks only from the host's folders.
