@@ -116,10 +116,13 @@ def test_presets_and_schema(client, app):
     assert size == {"key": "image_size(height, width)", "name": "image_size", "kind": "size",
                     "label": "Image size (height, width)", "help": size["help"], "choices": [],
                     "modes": ["LoRA", "iLECO", "Multi-ADDifT"], "section": "required", "group": "",
-                    "minimum": 16, "maximum": 8192, "default": "512"}
+                    "families": [], "minimum": 16, "maximum": 8192, "default": "512"}
     optimizer = next(r for r in rows if r["key"] == "train_optimizer")
     assert "AdamW" in optimizer["choices"] and optimizer["default"] == "AdamW"
     assert next(r for r in rows if r["key"] == "train_textencoder_learning_rate")["default"] == ""
+    flux = {r["key"]: r for r in rows if r["families"]}
+    assert set(flux) >= {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type"}
+    assert all(r["families"] == ["flux"] and r["group"] == "flow" for r in flux.values())
 
 
 # ---- enqueue and train ----------------------------------------------------------------------
