@@ -17,7 +17,7 @@ from trainer.training.runlog import CsvLog
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from trainer.jobs.api import PREFIX, PROGRESS_FIELDS, mount, parse_api_auth
+from trainer.jobs.api import PREFIX, PROGRESS_FIELDS, mount, parse_api_auth, schema
 
 from tests.uikit import app, demo_root, make_app, wait_idle  # noqa: F401 (fixtures)
 
@@ -123,6 +123,20 @@ def test_presets_and_schema(client, app):
     flux = {r["key"]: r for r in rows if r["families"]}
     assert set(flux) >= {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type"}
     assert all(r["families"] == ["flux"] and r["group"] == "flow" for r in flux.values())
+
+
+FLUX_ONLY_FIELDS = {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "sigmoid_scale",
+                "discrete_flow_shift", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                "model_prediction_type", "t5xxl_max_token_length", "apply_t5_attn_mask"}
+
+
+def test_the_api_schema_lists_the_flux_fields_with_their_family():
+    rows = {r["name"]: r for r in schema()}
+    assert {n for n, r in rows.items() if r["families"]} == FLUX_ONLY_FIELDS
+    for name in FLUX_ONLY_FIELDS:
+        assert rows[name]["families"] == ["flux"] and rows[name]["group"] == "flow", name
+    assert rows["network_rank"]["families"] == [] and rows["train_snr_gamma"]["families"] == []
+    assert rows["discrete_flow_shift"]["default"] == 3.1582 and rows["guidance_scale"]["default"] == 1.0
 
 
 # ---- enqueue and train ----------------------------------------------------------------------

@@ -75,3 +75,33 @@ def test_flux_shift_at_1024_is_the_documented_shift_3_1582():
     small = flow.sample_sigmas(flow.FlowOptions(timestep_sampling="flux_shift"), 4096,
                                image_tokens=flow.flux_image_tokens(64, 64), generator=torch.Generator().manual_seed(3))
     assert small.mean() < drawn.mean() - 0.05  # 512²: less shift towards noise
+
+
+@pytest.mark.parametrize("name", FLUX_PRESETS)
+def test_each_flux_preset_trains_a_tiny_flux_with_its_flow_settings(name, tmp_path, logs):
+    """The preset as shipped, shrunk only where a CPU and a tiny model need it (size, steps, the
+    8-bit optimizer, bf16, T5 length): the job runs and its file records the preset's flow settings."""
+    from safetensors import safe_open
+
+    from trainer.training.engine import Trainer
+
+    from tests.enginekit import MemoryHost
+    from tests.flux_tiny import tiny_flux_bundle
+    from tests.modekit import write_pair
+
+    orig, targ = write_pair(tmp_path / "pair", target_suffix="_t")
+    cfg, _ = _load(name)
+    cfg = cfg.with_overrides({
+        "image_size(height, width)": "64", "image_min_length": 64, "train_iterations": 2, "train_seed": 7,
+        "train_optimizer": "AdamW", "train_model_precision": "fp32", "train_VAE_precision": "fp32",
+        "save_precision": "fp32", "t5xxl_max_token_length": 16, "lora_data_directory": str(tmp_path / "pair"),
+        "original prompt": "a photo of a cat", "target prompt": "a photo of a dog",
+        "diff_original_image": str(orig), "diff_target_image": str(targ)})
+    result = Trainer(cfg, MemoryHost(tmp_path / "out", bundle=tiny_flux_bundle()), device="cpu").run()
+    assert result.status == "done" and result.steps == 2 and result.output.name == f"{name}.safetensors"
+    with safe_open(str(result.output), "pt") as fh:
+        meta, keys = fh.metadata(), list(fh.keys())
+    assert (meta["ss_timestep_sampling"], meta["ss_model_prediction_type"]) == ("flux_shift", "raw")
+    assert float(meta["ss_guidance_scale"]) == 1.0 and meta["modelspec.architecture"].startswith("flux-1-dev")
+    assert any(k.startswith("lora_unet_double_blocks_") for k in keys)
+    assert not any(k.startswith("lora_te") for k in keys)  # the transformer only, as the presets say
