@@ -133,3 +133,30 @@ def test_in_the_webui_the_family_comes_from_the_checkpoint_file(models, tmp_path
             assert ctl.model_family("not listed [0000]") is None
         finally:
             ctl.close()
+
+
+def test_the_part_pickers_offer_the_hosts_files(models, tmp_path):
+    """FLUX's CLIP-L, T5-XXL and autoencoder pickers: files of the app's model and VAE folders (never
+    the files inside a diffusers folder), or the host's own list where it keeps one (the WebUI's)."""
+    (models / "pipe" / "vae").mkdir(parents=True)
+    (models / "pipe" / "model_index.json").write_text("{}")
+    (models / "pipe" / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    vaes = tmp_path / "vaes"
+    header_file(vaes / "ae.safetensors", "flux")
+    ctl = Controller(StandaloneHost(tmp_path / "out", [models], [vaes]), tmp_path / "queue.json", device="cpu")
+    try:
+        files = ctl.part_files()
+        assert {"flux1-dev.safetensors", "sd15.safetensors", "old.ckpt", "ae.safetensors"} <= set(files)
+        assert not any(f.startswith("pipe") for f in files)
+    finally:
+        ctl.close()
+
+    class Listing(StandaloneHost):
+        def list_components(self) -> list[str]:
+            return ["clip_l.safetensors", "t5xxl_fp8_e4m3fn.safetensors"]
+
+    ctl = Controller(Listing(tmp_path / "out", [models]), tmp_path / "queue.json", device="cpu")
+    try:
+        assert ctl.part_files() == ["clip_l.safetensors", "t5xxl_fp8_e4m3fn.safetensors"]
+    finally:
+        ctl.close()

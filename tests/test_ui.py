@@ -82,6 +82,22 @@ def test_a_flux_preset_shows_its_fields_when_the_family_is_not_known(app):
     assert _flux_shown(handler(app.blocks, "traindeck_refresh_view")("LoRA", "", *loaded))[1] is True
 
 
+def test_flux_part_fields_pick_the_hosts_files(app, tmp_path):
+    import gradio as gr
+
+    for name in form.PART_FIELDS:
+        assert isinstance(app.train.fields[name], gr.Dropdown), name
+    assert set(form.PART_FIELDS) == {"clip_l", "t5xxl", "ae"}
+    more = tmp_path / "more-models"
+    for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"):
+        header_file(more / name, "flux")
+    app.ctl.host.model_dirs.append(more)
+    model, vae, *parts = handler(app.blocks, "traindeck_refresh_models")()
+    assert len(parts) == len(form.PART_FIELDS)
+    for update in parts:
+        assert {"", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"} <= set(update["choices"])
+
+
 def test_start_trains_through_the_queue_and_the_plot_shows_it(app, tmp_path):
     message = handler(app.blocks, "traindeck_start")(*values(app, save_lora_name="ui-job"))[0]
     assert message.startswith("queued ui-job"), message

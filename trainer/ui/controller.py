@@ -144,6 +144,18 @@ class Controller:
             return None
         return file_family(path)
 
+    def part_files(self) -> list[str]:
+        """The files the pickers of a model's separate parts offer (FLUX's text encoders, autoencoder):
+        the host's own list where it has one (the WebUI's text encoder and VAE folders), else the
+        files in the app's model and VAE folders."""
+        from ..hosts.base import model_names
+
+        lister = getattr(self.host, "list_components", None)
+        if lister is not None:
+            return list(lister())
+        folders = [*getattr(self.host, "model_dirs", []), *getattr(self.host, "vae_dirs", [])]
+        return model_names(list(dict.fromkeys(folders)), vae=True)
+
     # ---- jobs -------------------------------------------------------------------------
     def admit(self, cfg: TrainConfig) -> TrainConfig:
         """Jobs from the UI and the API read models and networks only from the host's folders.

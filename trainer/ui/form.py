@@ -163,6 +163,8 @@ def persist_upload(path: str | None, folder: Path, field: str) -> str:
 
 # The fields only some model families use (the schema's `families`), e.g. FLUX's flow options.
 FAMILY_FIELDS: tuple[str, ...] = tuple(n for n in FORM_FIELDS if PARAMS[n].families)
+# Their files (FLUX's CLIP-L, T5-XXL, autoencoder): pickers of the host's files, like the VAE.
+PART_FIELDS: tuple[str, ...] = tuple(n for n in FAMILY_FIELDS if PARAMS[n].kind == "path")
 
 
 def _changed(p: Param, value: Any, default: Any) -> bool:

@@ -76,11 +76,13 @@ class TrainTab:
     def _groups(self, values: dict, shown: set[str], initial: TrainConfig) -> None:
         """The optional settings, folded by the schema's groups; then Difference's 2nd pass."""
         make(gr.Markdown, value="**Optional settings**", elem_id="traindeck-optional")
+        files = self.ctl.part_files()
+        parts = {name: files for name in form.PART_FIELDS}
         self.groups: dict[str, Any] = {}
         for key, names in form.GROUP_FIELDS.items():
             with make(gr.Accordion, label=form.GROUP_TITLES[key], open=False, visible=bool(shown & set(names)),
                       elem_id=f"traindeck-group-{key}") as self.groups[key]:
-                self.fields.update(widgets.build(names, form.PARAMS, values, visible=shown))
+                self.fields.update(widgets.build(names, form.PARAMS, values, visible=shown, files=parts))
         with make(gr.Accordion, label="2nd pass (Difference)", open=False, visible=initial.mode == "Difference",
                   elem_id="traindeck-group-second") as self.second_box:
             self.copy_first = make(gr.Button, value="Copy settings from 1st pass", elem_id="traindeck-copy-first")
@@ -192,7 +194,9 @@ class TrainTab:
         return [gr.update(choices=self.ctl.presets()), gr.update(choices=self.ctl.settings_files())]
 
     def on_refresh_models(self) -> list:
-        return [gr.update(choices=self.ctl.host.list_models()), gr.update(choices=["", *self.ctl.host.list_vaes()])]
+        parts = [gr.update(choices=["", *self.ctl.part_files()]) for _ in form.PART_FIELDS]
+        return [gr.update(choices=self.ctl.host.list_models()), gr.update(choices=["", *self.ctl.host.list_vaes()]),
+                *parts]
 
     def on_copy_first(self, *values) -> list:
         return [gr.update(value=v) for v in values]
@@ -234,8 +238,8 @@ class TrainTab:
         on(self.save_preset_btn.click, guarded(self.on_save_preset, 2), [self.preset, *self.inputs],
            [self.preset, msg], "traindeck_save_preset")
         on(self.refresh_presets.click, self.on_refresh, None, [self.preset, self.settings], "traindeck_refresh_presets")
-        refreshed = on(self.refresh_models.click, self.on_refresh_models, None, [self.model, self.vae],
-                       "traindeck_refresh_models")
+        refreshed = on(self.refresh_models.click, self.on_refresh_models, None,
+                       [self.model, self.vae, *(self.fields[n] for n in form.PART_FIELDS)], "traindeck_refresh_models")
         on(refreshed.then, *view, "traindeck_refresh_view")  # the WebUI may hold another model by now
         first = [self.fields[n] for n in SECOND_PASS_FIELDS]
         on(self.copy_first.click, self.on_copy_first, first, [self.second[n] for n in SECOND_PASS_FIELDS],
