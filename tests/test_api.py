@@ -17,7 +17,7 @@ from trainer.training.runlog import CsvLog
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from trainer.jobs.api import PREFIX, PROGRESS_FIELDS, mount, parse_api_auth
+from trainer.jobs.api import PREFIX, PROGRESS_FIELDS, mount, parse_api_auth, schema
 
 from tests.uikit import app, demo_root, make_app, wait_idle  # noqa: F401 (fixtures)
 
@@ -116,10 +116,28 @@ def test_presets_and_schema(client, app):
     assert size == {"key": "image_size(height, width)", "name": "image_size", "kind": "size",
                     "label": "Image size (height, width)", "help": size["help"], "choices": [],
                     "modes": ["LoRA", "iLECO", "Multi-ADDifT"], "section": "required", "group": "",
-                    "minimum": 16, "maximum": 8192, "default": "512"}
+                    "families": [], "minimum": 16, "maximum": 8192, "default": "512"}
     optimizer = next(r for r in rows if r["key"] == "train_optimizer")
     assert "AdamW" in optimizer["choices"] and optimizer["default"] == "AdamW"
     assert next(r for r in rows if r["key"] == "train_textencoder_learning_rate")["default"] == ""
+    flux = {r["key"]: r for r in rows if r["families"]}
+    assert set(flux) >= {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type"}
+    assert all(r["families"] == ["flux"] and r["group"] == "flow" for r in flux.values())
+
+
+FLUX_ONLY_FIELDS = {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "sigmoid_scale",
+                    "discrete_flow_shift", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                    "model_prediction_type", "t5xxl_max_token_length", "apply_t5_attn_mask"}
+
+
+def test_the_api_schema_lists_the_flux_fields_with_their_family():
+    rows = {r["name"]: r for r in schema()}
+    flagged = {n for n, r in rows.items() if r["families"]}
+    assert flagged == {n for n, p in TrainConfig.params() if p.families} and FLUX_ONLY_FIELDS <= flagged
+    for name in flagged:
+        assert rows[name]["families"] == ["flux"] and rows[name]["group"] == "flow", name
+    assert rows["network_rank"]["families"] == [] and rows["train_snr_gamma"]["families"] == []
+    assert rows["discrete_flow_shift"]["default"] == 3.1582 and rows["guidance_scale"]["default"] == 1.0
 
 
 # ---- enqueue and train ----------------------------------------------------------------------

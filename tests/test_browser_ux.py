@@ -8,6 +8,8 @@ import shutil
 import pytest
 from PIL import Image
 
+from trainer.ui import form
+
 from tests.browserkit import field, gradio_line, launch, pick, server, shot, tab, until, wait_text  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
@@ -39,7 +41,9 @@ def add(page) -> None:
 def check_field_errors(page, images: str) -> None:
     """Items 1 and 5: bad values are refused at the field, under their labels; a folded group opens."""
     assert not visible(page, "traindeck-noise-offset")  # every optional group starts folded
-    assert page.locator("[id^=traindeck-group-]").count() == 11  # 10 groups from the schema + 2nd pass
+    # the groups from the schema (FLUX's among them, hidden for this SD model) and the 2nd pass
+    assert page.locator("[id^=traindeck-group-]").count() == len(form.GROUP_FIELDS) + 1
+    assert not visible(page, "traindeck-group-flow")
     field(page, "traindeck-train-iterations").fill("abc")
     add(page)
     assert field_error(page, "traindeck-train-iterations") == "Iterations: expected a number (got 'abc')"

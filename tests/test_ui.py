@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from trainer.config.schema import SECOND_PASS_FIELDS
+from trainer.config.schema import SECOND_PASS_FIELDS, TrainConfig
 from trainer.ui import form
 from trainer.ui.controller import Controller
 
+from tests.familykit import header_file
 from tests.modekit import write_pair
 from tests.uikit import app, demo_root, handler, values, wait_idle  # noqa: F401 (fixtures)
 
@@ -26,11 +27,14 @@ def test_every_setting_has_a_widget_from_the_schema(app):
     assert app.train.fields["network_blocks"].choices and app.train.fields["train_optimizer"].choices
 
 
+FAMILY_DEFAULTS = [form.form_values(TrainConfig())[n] for n in form.FAMILY_FIELDS]
+
+
 def test_mode_switch_shows_what_the_schema_says(app):
     on_mode = handler(app.blocks, "traindeck_mode")
     names = [n for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
     for mode in ("LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT"):
-        ups = on_mode(mode)
+        ups = on_mode(mode, "", *FAMILY_DEFAULTS)
         shown = {n for n, u in zip(names, ups) if u["visible"]}
         assert shown == form.visible_fields(mode) - set(form.HEADER_FIELDS)
         rest = [u["visible"] for u in ups[len(names):]]
@@ -42,6 +46,56 @@ def test_mode_switch_shows_what_the_schema_says(app):
         assert original == (mode in ("iLECO", "Difference", "ADDifT")) and target == (mode in ("iLECO", "ADDifT"))
         assert groups == [bool(set(names_) & form.visible_fields(mode)) for names_ in form.GROUP_FIELDS.values()]
         assert groups[list(form.GROUP_FIELDS).index("pairs")] == (mode in ("Difference", "ADDifT", "Multi-ADDifT"))
+
+
+def _flux_shown(ups: list) -> tuple[set[str], bool]:
+    """(FLUX-only fields shown, the flow group shown) from the view handler's updates."""
+    names = [n for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
+    shown = {n for n, u in zip(names, ups) if u["visible"] and n in form.FAMILY_FIELDS}
+    groups = ups[len(names) + 4:-1]
+    return shown, groups[list(form.GROUP_FIELDS).index("flow")]["visible"]
+
+
+def test_the_chosen_models_family_decides_the_flux_fields(app, tmp_path):
+    more = tmp_path / "more-models"
+    header_file(more / "flux1-dev.safetensors", "flux")
+    header_file(more / "sd15.safetensors", "sd1")
+    app.ctl.host.model_dirs.append(more)
+    # The demo model (a diffusers folder that names no family) and a plain form: no FLUX fields.
+    assert not any(app.train.fields[n].visible for n in form.FAMILY_FIELDS)
+    assert app.train.groups["flow"].visible is False
+    on_model = handler(app.blocks, "traindeck_model")
+    for mode in ("LoRA", "iLECO", "ADDifT"):
+        assert _flux_shown(on_model(mode, "flux1-dev.safetensors", *FAMILY_DEFAULTS)) == (set(form.FAMILY_FIELDS), True)
+        assert _flux_shown(on_model(mode, "sd15.safetensors", *FAMILY_DEFAULTS)) == (set(), False)
+        assert _flux_shown(on_model(mode, "", *FAMILY_DEFAULTS)) == (set(), False)
+
+
+def test_a_flux_preset_shows_its_fields_when_the_family_is_not_known(app):
+    outputs = handler(app.blocks, "traindeck_load_preset")("LoRA_FLUX_dev")
+    by_name = dict(zip(form.FORM_FIELDS, outputs))
+    assert by_name["timestep_sampling"]["value"] == "flux_shift" and "value" not in by_name["model"]
+    loaded = [by_name[n]["value"] for n in form.FAMILY_FIELDS]
+    then = handler(app.blocks, "traindeck_preset_view")  # runs after the load, with the loaded values
+    assert _flux_shown(then("LoRA", "", *loaded)) == (set(form.FAMILY_FIELDS), True)
+    assert _flux_shown(handler(app.blocks, "traindeck_settings_view")("LoRA", "", *FAMILY_DEFAULTS)) == (set(), False)
+    assert _flux_shown(handler(app.blocks, "traindeck_refresh_view")("LoRA", "", *loaded))[1] is True
+
+
+def test_flux_part_fields_pick_the_hosts_files(app, tmp_path):
+    import gradio as gr
+
+    for name in form.PART_FIELDS:
+        assert isinstance(app.train.fields[name], gr.Dropdown), name
+    assert set(form.PART_FIELDS) == {"clip_l", "t5xxl", "ae"}
+    more = tmp_path / "more-models"
+    for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"):
+        header_file(more / name, "flux")
+    app.ctl.host.model_dirs.append(more)
+    model, vae, *parts = handler(app.blocks, "traindeck_refresh_models")()
+    assert len(parts) == len(form.PART_FIELDS)
+    for update in parts:
+        assert {"", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"} <= set(update["choices"])
 
 
 def test_start_trains_through_the_queue_and_the_plot_shows_it(app, tmp_path):

@@ -26,6 +26,7 @@ def _describe(name: str, p: Param, default: object) -> str:
     kind = f"one of {', '.join(p.choices)}" if p.choices else p.kind
     shown = json.dumps(default) if not isinstance(default, str) else repr(default)
     modes = "" if len(p.modes) == 5 else f" [{', '.join(p.modes)}]"
+    modes += f" [{', '.join(f.upper() for f in p.families)} only]" if p.families else ""
     return f"  {p.key}\n" + textwrap.fill(f"{p.help} ({kind}; default {shown}){modes}", 78,
                                           initial_indent="      ", subsequent_indent="      ")
 

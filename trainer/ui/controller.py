@@ -122,6 +122,40 @@ class Controller:
         except ConfigError as exc:
             raise _renamed(exc, names) from None
 
+    def model_family(self, name: str | None) -> str | None:
+        """The family of the model the form names, from its file's header (the fields shown depend on it).
+
+        Empty means the default: the WebUI's loaded checkpoint, or the app's fallback model. None
+        when it cannot be told: a name the host does not list, a missing file, a .ckpt, a folder
+        that does not say. Only models the host offers are read, as for jobs (see `admit`).
+        """
+        from ..families import file_family
+        from ..hosts.base import find_model
+
+        name = (name or "").strip() or self.fallbacks.get("model", "")
+        folders = getattr(self.host, "model_dirs", [])
+        resolve = getattr(self.host, "checkpoint_path", None)  # the WebUI's titles -> files
+        if not name and resolve is None:
+            return None
+        try:
+            _listed("model", name, self.host.list_models(), folders)
+            path = resolve(name) if resolve is not None else find_model(name, folders)
+        except ConfigError:
+            return None
+        return file_family(path)
+
+    def part_files(self) -> list[str]:
+        """The files the pickers of a model's separate parts offer (FLUX's text encoders, autoencoder):
+        the host's own list where it has one (the WebUI's text encoder and VAE folders), else the
+        files in the app's model and VAE folders."""
+        from ..hosts.base import model_names
+
+        lister = getattr(self.host, "list_components", None)
+        if lister is not None:
+            return list(lister())
+        folders = [*getattr(self.host, "model_dirs", []), *getattr(self.host, "vae_dirs", [])]
+        return model_names(list(dict.fromkeys(folders)), vae=True)
+
     # ---- jobs -------------------------------------------------------------------------
     def admit(self, cfg: TrainConfig) -> TrainConfig:
         """Jobs from the UI and the API read models and networks only from the host's folders.

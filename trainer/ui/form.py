@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config.schema import SECOND_PASS_FIELDS, SECOND_PASS_KEY, TrainConfig
-from ..config.params import GROUPS, ConfigError, Param, shown
+from ..config.params import GROUPS, ConfigError, Param, coerce, shown
 
 FORM_FIELDS: tuple[str, ...] = tuple(name for name, _ in TrainConfig.params())
 PARAMS: dict[str, Param] = dict(TrainConfig.params())
@@ -161,6 +161,41 @@ def persist_upload(path: str | None, folder: Path, field: str) -> str:
     return str(dest)
 
 
-def visible_fields(mode: str) -> set[str]:
-    """The fields shown for `mode` (the schema's `modes` decide)."""
-    return {name for name, p in PARAMS.items() if mode in p.modes}
+# The fields only some model families use (the schema's `families`), e.g. FLUX's flow options.
+FAMILY_FIELDS: tuple[str, ...] = tuple(n for n in FORM_FIELDS if PARAMS[n].families)
+# Their files (FLUX's CLIP-L, T5-XXL, autoencoder): pickers of the host's files, like the VAE.
+PART_FIELDS: tuple[str, ...] = tuple(n for n in FAMILY_FIELDS if PARAMS[n].kind == "path")
+
+
+def _changed(p: Param, value: Any, default: Any) -> bool:
+    """Whether a widget value differs from the field's default (an entry that does not parse counts)."""
+    try:
+        return coerce(p, _clean(value), default) != default
+    except ConfigError:
+        return True
+
+
+def families_in_use(values: Mapping[str, Any] | None) -> set[str]:
+    """The families whose own fields hold a value other than their default (e.g. a FLUX preset)."""
+    defaults = TrainConfig()
+    used: set[str] = set()
+    for name in FAMILY_FIELDS:
+        p = PARAMS[name]
+        if values and name in values and _changed(p, values[name], getattr(defaults, name)):
+            used.update(p.families)
+    return used
+
+
+def visible_fields(mode: str, family: str | None = None, values: Mapping[str, Any] | None = None) -> set[str]:
+    """The fields shown for `mode` and the chosen model's `family` (the schema's `modes` and `families`).
+
+    A field of some families only is shown for a model of one of them. When the family cannot
+    be told (None: no model chosen, a file whose header says nothing), it is shown only while a
+    field of that family holds a value other than its default in `values`, so a FLUX preset
+    shows its settings, and an SD user never meets them.
+    """
+    in_use = families_in_use(values) if family is None else set()
+
+    def applies(p: Param) -> bool:
+        return not p.families or family in p.families or bool(in_use & set(p.families))
+    return {name for name, p in PARAMS.items() if mode in p.modes and applies(p)}

@@ -37,7 +37,8 @@ def guarded(fn: Callable[..., Any], n_outputs: int) -> Callable[..., Any]:
 class TrainTab:
     def __init__(self, ctl: Controller, initial: TrainConfig):
         self.ctl = ctl
-        values, shown = form.form_values(initial), form.visible_fields(initial.mode)
+        values = form.form_values(initial)
+        shown = form.visible_fields(initial.mode, ctl.model_family(initial.model), values)
         p = form.PARAMS
         with gr.Row():
             self.mode = make(gr.Radio, choices=list(MODES), value=initial.mode, label="Mode", elem_id="traindeck-mode")
@@ -75,11 +76,13 @@ class TrainTab:
     def _groups(self, values: dict, shown: set[str], initial: TrainConfig) -> None:
         """The optional settings, folded by the schema's groups; then Difference's 2nd pass."""
         make(gr.Markdown, value="**Optional settings**", elem_id="traindeck-optional")
+        files = self.ctl.part_files()
+        parts = {name: files for name in form.PART_FIELDS}
         self.groups: dict[str, Any] = {}
         for key, names in form.GROUP_FIELDS.items():
             with make(gr.Accordion, label=form.GROUP_TITLES[key], open=False, visible=bool(shown & set(names)),
                       elem_id=f"traindeck-group-{key}") as self.groups[key]:
-                self.fields.update(widgets.build(names, form.PARAMS, values, visible=shown))
+                self.fields.update(widgets.build(names, form.PARAMS, values, visible=shown, files=parts))
         with make(gr.Accordion, label="2nd pass (Difference)", open=False, visible=initial.mode == "Difference",
                   elem_id="traindeck-group-second") as self.second_box:
             self.copy_first = make(gr.Button, value="Copy settings from 1st pass", elem_id="traindeck-copy-first")
@@ -139,12 +142,19 @@ class TrainTab:
 
     # ---- events ---------------------------------------------------------------------------
     @property
-    def mode_outputs(self) -> list:
+    def view_inputs(self) -> list:
+        """What decides which fields show: the mode, the model (its family) and the family-only fields."""
+        return [self.mode, self.model, *(self.fields[n] for n in form.FAMILY_FIELDS)]
+
+    @property
+    def view_outputs(self) -> list:
         fields = [self.fields[n] for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
         return fields + [self.prompt_group, self.image_row, *self.preview_cols.values(), *self.groups.values()]
 
-    def on_mode(self, mode: str) -> list:
-        shown = form.visible_fields(mode)
+    def on_view(self, mode: str, model: str | None, *family_values) -> list:
+        """Show the fields of `mode` and of the model's family (a group shows while a field in it does)."""
+        family = self.ctl.model_family(model)
+        shown = form.visible_fields(mode, family, dict(zip(form.FAMILY_FIELDS, family_values)))
         ups = [gr.update(visible=n in shown) for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
         ups += [gr.update(visible=bool(shown & set(form.PROMPT_FIELDS))),
                 gr.update(visible=bool(shown & set(form.IMAGE_FIELDS)))]
@@ -184,7 +194,9 @@ class TrainTab:
         return [gr.update(choices=self.ctl.presets()), gr.update(choices=self.ctl.settings_files())]
 
     def on_refresh_models(self) -> list:
-        return [gr.update(choices=self.ctl.host.list_models()), gr.update(choices=["", *self.ctl.host.list_vaes()])]
+        parts = [gr.update(choices=["", *self.ctl.part_files()]) for _ in form.PART_FIELDS]
+        return [gr.update(choices=self.ctl.host.list_models()), gr.update(choices=["", *self.ctl.host.list_vaes()]),
+                *parts]
 
     def on_copy_first(self, *values) -> list:
         return [gr.update(value=v) for v in values]
@@ -208,21 +220,27 @@ class TrainTab:
 
     def wire(self) -> None:
         msg, n_form = self.message, len(self.outputs) + 1
-        on(self.mode.change, self.on_mode, [self.mode], self.mode_outputs, "traindeck_mode")
+        view = (self.on_view, self.view_inputs, self.view_outputs)
+        on(self.mode.change, *view, "traindeck_mode")
+        on(self.model.change, *view, "traindeck_model")
         job_outputs = [msg, self.field_error, *self.groups.values()]
         for button, start, api in ((self.start, True, "traindeck_start"), (self.enqueue, False, "traindeck_add")):
             then_js(on(button.click, self.submit(start), self.inputs, job_outputs, api), SHOW_FIELD_ERROR,
                     [self.field_error])
         on(self.stop.click, lambda: self.ctl.stop(False), None, [msg], "traindeck_stop")
         on(self.stop_save.click, lambda: self.ctl.stop(True), None, [msg], "traindeck_stop_save")
-        on(self.load_preset_btn.click, guarded(self.on_load_preset, n_form), [self.preset], [*self.outputs, msg],
-           "traindeck_load_preset")
-        on(self.load_settings_btn.click, guarded(self.on_load_settings, n_form), [self.settings],
-           [*self.outputs, msg], "traindeck_load_settings")
+        loaded = on(self.load_preset_btn.click, guarded(self.on_load_preset, n_form), [self.preset],
+                    [*self.outputs, msg], "traindeck_load_preset")
+        on(loaded.then, *view, "traindeck_preset_view")  # a FLUX preset shows FLUX's fields
+        loaded = on(self.load_settings_btn.click, guarded(self.on_load_settings, n_form), [self.settings],
+                    [*self.outputs, msg], "traindeck_load_settings")
+        on(loaded.then, *view, "traindeck_settings_view")
         on(self.save_preset_btn.click, guarded(self.on_save_preset, 2), [self.preset, *self.inputs],
            [self.preset, msg], "traindeck_save_preset")
         on(self.refresh_presets.click, self.on_refresh, None, [self.preset, self.settings], "traindeck_refresh_presets")
-        on(self.refresh_models.click, self.on_refresh_models, None, [self.model, self.vae], "traindeck_refresh_models")
+        refreshed = on(self.refresh_models.click, self.on_refresh_models, None,
+                       [self.model, self.vae, *(self.fields[n] for n in form.PART_FIELDS)], "traindeck_refresh_models")
+        on(refreshed.then, *view, "traindeck_refresh_view")  # the WebUI may hold another model by now
         first = [self.fields[n] for n in SECOND_PASS_FIELDS]
         on(self.copy_first.click, self.on_copy_first, first, [self.second[n] for n in SECOND_PASS_FIELDS],
            "traindeck_copy_first")

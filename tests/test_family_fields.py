@@ -1,0 +1,36 @@
+"""The settings of some model families only (FLUX's flow options) are marked as such in the CLI's
+--help (the REST API's /schema lists their `families`: tests/test_api.py)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from trainer.config.schema import TrainConfig
+from trainer.paths import ROOT
+
+FLUX_FIELDS = {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "sigmoid_scale",
+               "discrete_flow_shift", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+               "model_prediction_type", "t5xxl_max_token_length", "apply_t5_attn_mask"}
+
+
+def _entries(text: str) -> dict[str, str]:
+    """--help's settings listing: {preset key: its description, unwrapped}."""
+    entries: dict[str, str] = {}
+    key = None
+    for line in text.split("settings (use with --set", 1)[1].splitlines()[2:]:
+        if line.startswith("      "):
+            entries[key] = f"{entries[key]} {line.strip()}".strip()
+        elif line.startswith("  ") and line.strip():
+            key = line.strip()
+            entries[key] = ""
+    return entries
+
+
+def test_help_marks_the_flux_fields_as_flux_only():
+    text = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, check=True, timeout=120).stdout
+    entries = _entries(text)
+    assert set(entries) == {p.key for _, p in TrainConfig.params()}
+    marked = {key for key, body in entries.items() if body.endswith("[FLUX only]")}
+    assert marked == {p.key for _, p in TrainConfig.params() if p.families == ("flux",)} and FLUX_FIELDS <= marked
+    assert "[FLUX only]" not in entries["network_rank"] and "[FLUX only]" not in entries["model"]
