@@ -158,6 +158,7 @@ def test_ddpm_only_settings_are_refused_or_left_out_with_a_message(tmp_path, log
     result = Trainer(flux_job(tmp_path, "LoRA", train_iterations=1, train_snr_gamma=5.0), host, device="cpu").run()
     assert result.status == "done"
     assert any("train_snr_gamma 5" in (e.message or "") for e in host.events)
+    assert "train_snr_gamma 5" in result.message  # the final message keeps it
 
 
 def test_file_family_reads_only_the_header(tmp_path):

@@ -119,10 +119,12 @@ class Trainer:
                     started: float, result: RunResult) -> None:
         model_dtype = devices.compute_dtype(self.cfg.train_model_precision, self.device)
         bundle = self.host.load_bundle(self.cfg, dtype=model_dtype, device=self.device)
-        for spec in specs:  # settings the model's family cannot train with fail before any caching
-            for message in dict.fromkeys(bundle.family.check(spec.cfg)):
-                log.warning(message)
-                self.emit(message=message)
+        # settings the model's family cannot train with fail before any caching; what it leaves out is
+        # said now and again in the job's final message
+        notes = list(dict.fromkeys(m for spec in specs for m in bundle.family.check(spec.cfg)))
+        for message in notes:
+            log.warning(message)
+            self.emit(message=message)
         trains_on = bundle.extra.get("trains_on", "")  # a host says which model and from where
         if trains_on:
             self.emit(message=trains_on)
@@ -143,7 +145,7 @@ class Trainer:
                     frozen.append(out)
                 if runner.final_message:
                     result.message = runner.final_message
-            result.message = "; ".join(m for m in (result.message, trains_on) if m)
+            result.message = "; ".join(m for m in (result.message, trains_on, *notes) if m)
         finally:
             for network in reversed(frozen):
                 network.remove()
