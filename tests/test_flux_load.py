@@ -14,6 +14,7 @@ from tests.flux_tiny import (clip_l_state_dict, diffusers_to_bfl, diffusers_vae_
                              save_bfl_transformer, save_flux_files, save_flux_folder, tiny_flux, tiny_t5_tokenizer)
 from tests.tiny import tiny_vae
 from trainer.families import flux_load as fl
+from trainer.families import flux_parts as fp
 
 FP8 = torch.float8_e4m3fn
 PROMPTS = ["a photo of a cat", "sks person, painting of a red tree!"]
@@ -79,7 +80,7 @@ def test_all_in_one_checkpoint_serves_every_slot(tmp_path):
     save_file(merged, str(path))
     assert fl.flux_variant(fl.read_keys(path, role="model")) == "dev"
     assert_same_weights(parts.transformer, fl.load_flux_transformer(path, dtype=torch.float32))
-    comps = fl.load_flux_components(path, path, path, dtype=torch.float32)
+    comps = fp.load_flux_components(path, path, path, dtype=torch.float32)
     for name in ("clip_l", "t5xxl", "vae"):
         assert_same_weights(getattr(parts, name), getattr(comps, name))
 
@@ -108,7 +109,7 @@ def test_fp8_storage_kept_when_asked(tmp_path):
 
 def test_separate_component_files_equal_tiny(written):
     parts, files = written
-    comps = fl.load_flux_components(files["clip_l"], files["t5xxl"], files["ae"], dtype=torch.float32)
+    comps = fp.load_flux_components(files["clip_l"], files["t5xxl"], files["ae"], dtype=torch.float32)
     assert_same_weights(parts.clip_l, comps.clip_l)
     assert_same_weights(parts.t5xxl, comps.t5xxl)
     assert_same_weights(parts.vae, comps.vae)
@@ -131,7 +132,7 @@ def test_separate_component_files_equal_tiny(written):
 def test_fp8_text_encoder_files_are_upcast(tmp_path):
     parts = tiny_flux("dev")
     files = save_flux_files(parts, tmp_path, FP8)
-    comps = fl.load_flux_components(files["clip_l"], files["t5xxl"], files["ae"], dtype=torch.bfloat16)
+    comps = fp.load_flux_components(files["clip_l"], files["t5xxl"], files["ae"], dtype=torch.bfloat16)
     rounded = lambda t: t.to(FP8).to(torch.bfloat16)  # noqa: E731
     assert_same_weights(parts.t5xxl, comps.t5xxl, rounded)
     assert_same_weights(parts.clip_l, comps.clip_l, rounded)
@@ -140,7 +141,7 @@ def test_fp8_text_encoder_files_are_upcast(tmp_path):
 def test_diffusers_folder_equals_tiny(written, tmp_path):
     parts, _ = written
     folder = save_flux_folder(parts, tmp_path / "FLUX.1-tiny")
-    got = fl.load_flux_folder(folder, dtype=torch.float32)
+    got = fp.load_flux_folder(folder, dtype=torch.float32)
     assert got.variant == parts.variant
     for name in ("transformer", "clip_l", "t5xxl", "vae"):
         assert_same_weights(getattr(parts, name), getattr(got, name))
@@ -160,16 +161,16 @@ def test_t5_tokenizer_found_in_the_first_place_that_has_one(tmp_path):
     tiny_t5_tokenizer().save_pretrained(str(folder))
     later = tmp_path / "later.json"
     later.write_bytes((folder / "tokenizer.json").read_bytes())
-    assert fl.find_t5_tokenizer([missing, empty, folder, later]) == folder
-    assert fl.find_t5_tokenizer([missing, later, folder]) == later
+    assert fp.find_t5_tokenizer([missing, empty, folder, later]) == folder
+    assert fp.find_t5_tokenizer([missing, later, folder]) == later
     for found in (folder, later):
-        tok = fl.load_t5_tokenizer(found, max_length=256)
+        tok = fp.load_t5_tokenizer(found, max_length=256)
         assert tok(PROMPTS).input_ids == tiny_t5_tokenizer()(PROMPTS).input_ids
         assert tok(PROMPTS[0]).input_ids[-1] == 1  # </s>
         padded = tok(PROMPTS[0], padding="max_length", max_length=256, truncation=True).input_ids
         assert len(padded) == 256 and padded[-1] == 0  # <pad>
     with pytest.raises(fl.FluxLoadError) as err:
-        fl.find_t5_tokenizer([missing, empty])
+        fp.find_t5_tokenizer([missing, empty])
     assert str(missing) in str(err.value) and str(empty) in str(err.value)
     assert "tokenizer.json or spiece.model" in str(err.value)
 
@@ -184,16 +185,16 @@ def test_tokenizer_json_of_newer_tokenizers_loads_everywhere(tmp_path):
         data[part] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
     newer = tmp_path / "newer.json"
     newer.write_text(json.dumps(data), encoding="utf-8")
-    tok = fl.load_t5_tokenizer(newer)
+    tok = fp.load_t5_tokenizer(newer)
     assert tok(PROMPTS).input_ids == tiny_t5_tokenizer()(PROMPTS).input_ids
     assert tok.decode(tok(PROMPTS[0]).input_ids, skip_special_tokens=True) == PROMPTS[0]
 
 
 def test_forge_install_places_searched(tmp_path):
-    places = fl.forge_t5_tokenizers(tmp_path)
+    places = fp.forge_t5_tokenizers(tmp_path)
     assert places[0] == tmp_path / "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2"
     tiny_t5_tokenizer().save_pretrained(str(places[1]))
-    assert fl.find_t5_tokenizer(places) == places[1]
+    assert fp.find_t5_tokenizer(places) == places[1]
 
 
 @pytest.fixture(scope="module")
@@ -215,14 +216,14 @@ def test_wrong_file_in_a_slot_is_named(files, role, source, message):
         if role == "transformer":
             fl.load_flux_transformer(files[source])
         else:
-            fl.load_flux_components(clip, t5, ae)
+            fp.load_flux_components(clip, t5, ae)
 
 
 def test_sd_vae_refused_as_flux_ae(files, tmp_path):
     sd_vae = tmp_path / "vae-ft-mse.safetensors"
     save_file({k: v.contiguous() for k, v in diffusers_vae_to_ldm(tiny_vae()).items()}, str(sd_vae))
     with pytest.raises(fl.FluxLoadError, match=r"ae: .*vae-ft-mse.safetensors is a 4-channel VAE"):
-        fl.load_flux_components(files["clip_l"], files["t5xxl"], sd_vae)
+        fp.load_flux_components(files["clip_l"], files["t5xxl"], sd_vae)
 
 
 def _rewrite(src, dst, edit):
@@ -259,15 +260,15 @@ def test_unusable_files_are_named(files, tmp_path):
 
 def test_folder_errors_name_what_is_missing(tmp_path):
     with pytest.raises(fl.FluxLoadError, match=r"model: .* is not a diffusers folder \(no model_index.json\)"):
-        fl.load_flux_folder(tmp_path)
+        fp.load_flux_folder(tmp_path)
     folder = save_flux_folder(tiny_flux("schnell"), tmp_path / "flux")
     for file in (folder / "tokenizer_2").iterdir():
         file.unlink()
     with pytest.raises(fl.FluxLoadError, match=r"no T5 tokenizer .* found in:\n  .*tokenizer_2"):
-        fl.load_flux_folder(folder)
+        fp.load_flux_folder(folder)
     (folder / "vae" / "config.json").unlink()
     with pytest.raises(fl.FluxLoadError, match=r"vae: .*vae could not be loaded"):
-        fl.load_flux_folder(folder)
+        fp.load_flux_folder(folder)
 
 
 def test_unreadable_t5_tokenizer_is_named(tmp_path):
@@ -275,7 +276,7 @@ def test_unreadable_t5_tokenizer_is_named(tmp_path):
     bad.mkdir()
     (bad / "tokenizer.json").write_text('{"model": {"type": "Nothing"}}', encoding="utf-8")
     with pytest.raises(fl.FluxLoadError, match=r"t5 tokenizer: .*tokenizer_2 could not be read"):
-        fl.load_t5_tokenizer(fl.find_t5_tokenizer([bad]))
+        fp.load_t5_tokenizer(fp.find_t5_tokenizer([bad]))
 
 
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
@@ -312,12 +313,12 @@ def test_full_size_components_read_off_shapes(tmp_path):
         clip = CLIPTextModel(CLIPTextConfig(**clip_published))
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             **ae_published)
-    t5_cfg = fl.t5_config(t5.state_dict())
+    t5_cfg = fp.t5_config(t5.state_dict())
     assert {k: getattr(t5_cfg, k) for k in t5_published} == t5_published and t5_cfg.is_gated_act
     clip_sd = {k[len("text_model."):]: v for k, v in clip_l_state_dict(clip).items() if k.startswith("text_model.")}
-    clip_cfg = fl.clip_l_config(clip_sd)
+    clip_cfg = fp.clip_l_config(clip_sd)
     assert {k: getattr(clip_cfg, k) for k in clip_published} == clip_published
-    ae_cfg = fl.ae_config(diffusers_vae_to_ldm(vae), tmp_path)
+    ae_cfg = fp.ae_config(diffusers_vae_to_ldm(vae), tmp_path)
     assert {k: ae_cfg[k] for k in ae_published} == ae_published
 
 
@@ -325,4 +326,4 @@ def test_incomplete_component_file_is_named(files, tmp_path):
     cut = _rewrite(files["t5xxl"], tmp_path / "t5-cut.safetensors",
                    lambda sd: sd.pop("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"))
     with pytest.raises(fl.FluxLoadError, match=r"t5xxl: .*t5-cut.safetensors is incomplete \(no encoder.block.0"):
-        fl.load_flux_components(files["clip_l"], cut, files["ae"])
+        fp.load_flux_components(files["clip_l"], cut, files["ae"])

@@ -348,7 +348,7 @@ def test_t5_from_a_local_wheel(tmp_path, monkeypatch):
 
 
 def test_the_trainer_looks_for_t5_where_install_puts_it(tmp_path, monkeypatch):
-    from trainer.families.flux_load import find_t5_tokenizer
+    from trainer.families.flux_parts import find_t5_tokenizer
     from trainer.paths import t5_tokenizer_candidates
 
     monkeypatch.setenv("TRAINDECK_CACHE", str(tmp_path / "cache"))

@@ -4,7 +4,7 @@
 Latents are kept as the VAE makes them ([B, 16, H/8, W/8], shifted and scaled) everywhere in the
 trainer; only `denoise` packs them into FLUX's 2×2 patch tokens and back. Timesteps are σ in
 [0, 1] (`flow.py`), which is also what the transformer takes. LoRA files use sd-scripts' BFL key
-layout (`flux_keys.py`); the files a user has are read by `flux_load.py`.
+layout (`flux_keys.py`); the files a user has are read by `flux_files.py`.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import torch
 
 from ..config.params import ConfigError
 from .bundle import ModelBundle
-from .flux_load import (T5_MAX_LENGTH, FluxLoadError, find_t5_tokenizer, flux_scheduler, load_flux_components,
-                        load_flux_folder, load_flux_transformer, load_t5_tokenizer)
+from .flux_load import T5_MAX_LENGTH, FluxLoadError, flux_scheduler, load_flux_transformer
+from .flux_parts import find_t5_tokenizer, load_flux_components, load_flux_folder, load_t5_tokenizer
 from .single_file import finish
 from .tokenizer import clip_tokenizer
 

@@ -207,7 +207,7 @@ class WebUIHost:
             return []
         from modules import paths
 
-        from ..families.flux_load import forge_t5_tokenizers
+        from ..families.flux_parts import forge_t5_tokenizers
 
         return forge_t5_tokenizers(getattr(paths, "script_path", Path(paths.models_path).parent))
 
