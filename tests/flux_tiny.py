@@ -278,3 +278,27 @@ def tiny_flux_bundle(variant: str = "dev", seed: int = 0):
     return ModelBundle(family="flux", unet=parts.transformer, vae=parts.vae, text_encoders=[parts.clip_l, parts.t5xxl],
                        tokenizers=[clip_tokenizer("<|endoftext|>"), tiny_t5_tokenizer()],
                        noise_scheduler=flux_scheduler(variant), name=f"tiny-flux-{variant}")
+
+
+def flux_lycoris(model: torch.nn.Module, *, algo: str = "lora", rank: int = 4, alpha: float = 2.0,
+                 dora: bool = False, bypass: bool = False):
+    """A LyCORIS network on both FLUX block classes, applied to `model`, its weights made random
+    (so a test sees a LoRA that changes the output); LyCORIS's class presets are restored."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    names = ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE")
+    saved = {n: getattr(LycorisNetworkKohya, n) for n in names}
+    try:
+        LycorisNetworkKohya.apply_preset({"unet_target_module": ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
+                                          "unet_target_name": [], "text_encoder_target_module": []})
+        net = LycorisNetworkKohya(None, model, multiplier=1.0, lora_dim=rank, alpha=alpha, network_module=algo,
+                                  weight_decompose=dora, bypass_mode=bypass)
+    finally:
+        for n, v in saved.items():
+            setattr(LycorisNetworkKohya, n, v)
+    net.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return net

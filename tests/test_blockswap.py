@@ -17,6 +17,8 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 from trainer.config.params import ConfigError
 from trainer.training.blockswap import enable_block_swap, flux_blocks, move_except
 
+from tests.flux_tiny import flux_lycoris
+
 DOUBLE, SINGLE = 3, 3
 L = DOUBLE + SINGLE
 
@@ -42,22 +44,7 @@ def inputs(seed: int = 5) -> dict:
 
 def lycoris(model: torch.nn.Module, dora: bool = False) -> LycorisNetworkKohya:
     """A LyCORIS LoRA on both FLUX block classes, applied, with random weights."""
-    names = ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE")
-    saved = {n: getattr(LycorisNetworkKohya, n) for n in names}
-    try:
-        LycorisNetworkKohya.apply_preset({"unet_target_module": ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
-                                          "unet_target_name": [], "text_encoder_target_module": []})
-        net = LycorisNetworkKohya(None, model, multiplier=1.0, lora_dim=2, alpha=1.0, network_module="lora",
-                                  weight_decompose=dora, bypass_mode=not dora)
-    finally:
-        for n, v in saved.items():
-            setattr(LycorisNetworkKohya, n, v)
-    net.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return net
+    return flux_lycoris(model, rank=2, alpha=1.0, dora=dora, bypass=not dora)
 
 
 class FakeBoundary:

@@ -14,6 +14,8 @@ from lycoris.kohya import LycorisNetworkKohya
 
 from trainer.families.flux_keys import from_file, to_file
 
+from tests.flux_tiny import flux_lycoris
+
 D, MLP, DOUBLE, SINGLE = 32, 128, 2, 2  # hidden width (2 heads x 16), MLP width, blocks
 LORA = ("lora_down.weight", "lora_up.weight", "alpha")
 DOUBLE_FILE = ("img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "img_mod_lin",
@@ -72,21 +74,7 @@ def flux_inputs(seed: int = 5) -> dict:
 def lycoris_sd(model: torch.nn.Module, algo: str = "lora", dora: bool = False, rank: int = 4,
                alpha: float = 2.0) -> tuple[LycorisNetworkKohya, dict[str, torch.Tensor]]:
     """A LyCORIS network on both FLUX block classes (applied to `model`), weights made random."""
-    names = ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE")
-    saved = {n: getattr(LycorisNetworkKohya, n) for n in names}
-    try:
-        LycorisNetworkKohya.apply_preset({"unet_target_module": ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
-                                          "unet_target_name": [], "text_encoder_target_module": []})
-        net = LycorisNetworkKohya(None, model, multiplier=1.0, lora_dim=rank, alpha=alpha,
-                                  network_module=algo, weight_decompose=dora)
-    finally:
-        for n, v in saved.items():
-            setattr(LycorisNetworkKohya, n, v)
-    net.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    net = flux_lycoris(model, algo=algo, rank=rank, alpha=alpha, dora=dora)
     return net, {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
