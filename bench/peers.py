@@ -204,8 +204,8 @@ def main() -> None:
             ops = {name: run_one(name, cmd[:2] + window + cmd[2:], penv, work, f"{name}-profile")["ops"]
                    for name, (cmd, penv) in programs.items()}
             result["profile_ms_per_step"] = op_diff(ops)
-        result.update(family=args.family, model=sizes, images=args.images, pixels=pixels, steps=args.steps, warmup=args.warmup,
-                      rounds=args.rounds, threads=args.threads, omp_wait_policy=args.omp_wait_policy,
+        result.update(family=args.family, model=sizes, images=args.images, pixels=pixels, steps=args.steps,
+                      warmup=args.warmup, rounds=args.rounds, threads=args.threads, omp_wait_policy=args.omp_wait_policy,
                       torchvision_stub=len(names) > 1, cpu_count=os.cpu_count(), load_average_end=load_average())
         print(json.dumps(result))
 
