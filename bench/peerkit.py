@@ -44,9 +44,9 @@ def write_tokenizer_cache(model: Path, cache: Path) -> Path:
     return cache
 
 
-def write_data(root: Path, n: int) -> dict[str, Path]:
-    """n images at PIXELS px with captions, as each program reads them: {program: folder}."""
-    plain = make_images(root / "1_bench", n=n, size=PIXELS)  # kohya: <repeats>_<name>/ under the data dir
+def write_data(root: Path, n: int, size: int = PIXELS) -> dict[str, Path]:
+    """n images of `size` px with captions, as each program reads them: {program: folder}."""
+    plain = make_images(root / "1_bench", n=n, size=size)  # kohya: <repeats>_<name>/ under the data dir
     example = root.parent / "imagefolder"  # the example: an image folder with metadata.jsonl
     example.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -127,6 +127,9 @@ RandomCrop = CenterCrop  # the bench images are already square at the training s
 
 
 class RandomHorizontalFlip:
+    def __init__(self, p=0.5):
+        self.p = p
+
     def __call__(self, img):
         raise NotImplementedError("bench stand-in: random flips are not part of the benchmark")
 
@@ -145,6 +148,10 @@ import torch
 
 def pil_to_tensor(img):
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+def crop(img, top, left, height, width):
+    return img.crop((left, top, left + width, top + height))
 
 
 def gaussian_blur(*args, **kwargs):

@@ -1,6 +1,7 @@
 """Runs one training program (a script file or a module) inside this process and measures it.
 
-    python bench/peerrun.py --out FILE [--sys-path DIR] [--unet-channels A,B,C,D] [--peft-targets N,...]
+    python bench/peerrun.py --out FILE [--sys-path DIR] [--unet-channels A,B,C,D | --sdxl-unet-channels C]
+                            [--peft-targets N,...]
                             (--script FILE | --module NAME) -- ARGS...
 
 bench/peers.py starts it with each program's own Python. It uses the standard library
@@ -12,7 +13,9 @@ program's code:
 - at exit it writes those marks, the count and the process's peak RSS to --out (JSON).
 Three settings adapt a peer to the benchmark model, both given on the command line:
 --unet-channels sets the block widths of kohya's own U-Net class (it hard-codes SD1.5's
-320-640-1280-1280; its layout comes from the model's config otherwise), and
+320-640-1280-1280; its layout comes from the model's config otherwise), --sdxl-unet-channels
+does the same for kohya's SDXL U-Net (its base width, 320, and the time-embedding width
+that follows from it; bench/peersxl.py keeps SDXL's depths, context and vector widths), and
 --peft-targets widens a LoraConfig built for the attention projections only to the
 listed module names, so that every program trains the same modules; --torchvision-stub tells
 transformers that torchvision is absent when bench/peerkit.py's transforms-only stand-in is
@@ -99,6 +102,14 @@ def patch_kohya_unet(channels: list[int]) -> None:
     ou.TIME_EMBED_DIM = channels[0] * 4
 
 
+def patch_kohya_sdxl_unet(channels: int) -> None:
+    """kohya's SDXL U-Net builds its levels from MODEL_CHANNELS (x1, x2, x4) and TIME_EMBED_DIM."""
+    from library import sdxl_original_unet as su
+
+    su.MODEL_CHANNELS = channels
+    su.TIME_EMBED_DIM = channels * 4
+
+
 def hide_stub_from_transformers() -> None:
     """transformers (5.x) takes any importable torchvision for the real one and imports its video
     and image modules; the bench stand-in has transforms only, so tell it torchvision is absent."""
@@ -132,6 +143,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--sys-path", action="append", default=[])
     p.add_argument("--unet-channels")
+    p.add_argument("--sdxl-unet-channels", type=int)
     p.add_argument("--peft-targets")
     p.add_argument("--profile", help="FIRST,LAST: profile the optimizer steps after FIRST up to LAST")
     p.add_argument("--torchvision-stub", action="store_true", help="a transforms-only stand-in is on the path")
@@ -158,6 +170,8 @@ def main() -> None:
         hide_stub_from_transformers()
     if args.unet_channels:
         patch_kohya_unet([int(c) for c in args.unet_channels.split(",")])
+    if args.sdxl_unet_channels:
+        patch_kohya_sdxl_unet(args.sdxl_unet_channels)
     if args.peft_targets:
         widen_peft(args.peft_targets.split(","))
     if args.script:

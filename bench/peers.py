@@ -1,7 +1,7 @@
 """The project's CLI against the trainers users would pick instead, side by side on the same work.
 
     python bench/peers.py --kohya DIR --kohya-python PY --diffusers DIR --diffusers-python PY
-                          [--steps 24 --warmup 4 --rounds 2 --threads 2 --images 16]
+                          [--family sd1|sdxl] [--steps 24 --warmup 4 --rounds 2 --threads 2 --images 16]
 
 DIR is a checkout of kohya-ss/sd-scripts (train_network.py) and one of huggingface/diffusers
 (examples/text_to_image/train_text_to_image_lora.py), each with the Python of an environment
@@ -16,6 +16,10 @@ can; rounds are interleaved (each round runs every program once, in a rotated or
 program runs under bench/peerrun.py, which times its optimizer steps and counts the
 parameters its optimizer trains inside its process; a ratio is refused when the counts
 differ. The last line printed is one JSON object.
+
+`--family sdxl` does the same on an SDXL-layout model (bench/peersxl.py) at 128 px against
+kohya's sdxl_train_network.py (text-encoder outputs cached too) and the diffusers example
+examples/text_to_image/train_text_to_image_lora_sdxl.py, on the 722 transformer-block layers.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from bench.common import LEARNING_RATE, PIXELS, RANK, SEED, bench_config, load_a
 from bench.peerkit import (UNET_CHANNELS, write_data, write_model, write_tokenizer_cache,  # noqa: E402
                            write_torchvision_stub)
 from bench.peerstats import op_diff, summarize  # noqa: E402
+from bench.peersxl import (XL_PIXELS, diffusers_sdxl_cmd, kohya_sdxl_cmd, write_sdxl_model,  # noqa: E402
+                           write_sdxl_tokenizer_cache)
 
 RUNNER = Path(__file__).resolve().parent / "peerrun.py"
 EXAMPLE = Path("examples/text_to_image/train_text_to_image_lora.py")
@@ -43,9 +49,10 @@ EXAMPLE = Path("examples/text_to_image/train_text_to_image_lora.py")
 PEFT_TARGETS = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2"
 
 
-def project_cmd(work: Path, model: Path, data: Path, steps: int) -> list[str]:
+def project_cmd(work: Path, model: Path, data: Path, steps: int, pixels: int = PIXELS) -> list[str]:
     cfg = bench_config("lierla", data, steps, "peers").with_overrides(
-        {"train_lr_scheduler": "constant", "train_lr_warmup_steps": 0, "save_overwrite": True})
+        {"train_lr_scheduler": "constant", "train_lr_warmup_steps": 0, "save_overwrite": True,
+         "image_size": [pixels, pixels], "image_min_length": pixels})
     preset = work / "project-preset.json"
     preset.write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
     return [sys.executable, str(RUNNER), "--out", "{out}", "--sys-path", str(ROOT), "--module", "trainer", "--",
@@ -109,6 +116,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kohya-python", default=e("TRAINDECK_KOHYA_PYTHON"))
     p.add_argument("--diffusers", default=e("TRAINDECK_DIFFUSERS"), help="diffusers checkout (for its example)")
     p.add_argument("--diffusers-python", default=e("TRAINDECK_DIFFUSERS_PYTHON"))
+    p.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                   help="the model's layout; sdxl runs kohya's sdxl_train_network.py and the SDXL example")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=4, help="optimizer steps left out of the rates")
     p.add_argument("--rounds", type=int, default=2)
@@ -134,25 +143,53 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def sd1_programs(args: argparse.Namespace, work: Path, env: dict) -> tuple[dict, dict, int]:
+    """{program: (command, environment)}, the model's sizes and the image size, for the SD1-layout work."""
+    model = work / "model"
+    sizes = write_model(model)
+    data = write_data(work / "data", args.images)
+    programs = {"project": (project_cmd(work, model, data["project"], args.steps), env)}
+    if args.kohya:
+        write_tokenizer_cache(model, work / "tokenizers")
+        programs["kohya"] = (kohya_cmd(args.kohya_python, Path(args.kohya), work, model, data["kohya"],
+                                       args.steps), peer_env(env, work))
+    if args.diffusers:
+        programs["diffusers"] = (diffusers_cmd(args.diffusers_python, Path(args.diffusers), work, model,
+                                               data["diffusers"], args.steps), peer_env(env, work))
+    return programs, sizes, PIXELS
+
+
+def sdxl_programs(args: argparse.Namespace, work: Path, env: dict) -> tuple[dict, dict, int]:
+    """The same for the SDXL-layout work (bench/peersxl.py); its files go under work/sdxl."""
+    root = work / "sdxl"
+    model = root / "model"
+    sizes = write_sdxl_model(model)
+    data = write_data(root / "data", args.images, XL_PIXELS)
+    programs = {"project": (project_cmd(root, model, data["project"], args.steps, XL_PIXELS), env)}
+    if args.kohya:
+        write_sdxl_tokenizer_cache(model, root / "tokenizers")
+        programs["kohya"] = (kohya_sdxl_cmd(args.kohya_python, RUNNER, Path(args.kohya), root, model,
+                                            data["kohya"], args.steps), peer_env(env, work))
+    if args.diffusers:
+        programs["diffusers"] = (diffusers_sdxl_cmd(args.diffusers_python, RUNNER, Path(args.diffusers), root,
+                                                    model, data["diffusers"], args.steps, PEFT_TARGETS),
+                                 peer_env(env, work))
+    return programs, sizes, XL_PIXELS
+
+
+def peer_env(env: dict, work: Path) -> dict:
+    """A peer's environment: the torchvision stand-in on its path."""
+    return {**env, "PYTHONPATH": str(write_torchvision_stub(work / "stub"))}
+
+
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model = work / "model"
-        sizes = write_model(model)
-        data = write_data(work / "data", args.images)
         env = base_env(args.threads, args.omp_wait_policy)
-        programs = {"project": (project_cmd(work, model, data["project"], args.steps), env)}
-        if args.kohya:
-            write_tokenizer_cache(model, work / "tokenizers")
-            stub = write_torchvision_stub(work / "stub")
-            programs["kohya"] = (kohya_cmd(args.kohya_python, Path(args.kohya), work, model, data["kohya"],
-                                           args.steps), {**env, "PYTHONPATH": str(stub)})
-        if args.diffusers:
-            stub = write_torchvision_stub(work / "stub")
-            programs["diffusers"] = (diffusers_cmd(args.diffusers_python, Path(args.diffusers), work, model,
-                                                   data["diffusers"], args.steps), {**env, "PYTHONPATH": str(stub)})
+        build = sdxl_programs if args.family == "sdxl" else sd1_programs
+        programs, sizes, pixels = build(args, work, env)
         names = list(programs)
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for r in range(args.rounds):
@@ -167,8 +204,8 @@ def main() -> None:
             ops = {name: run_one(name, cmd[:2] + window + cmd[2:], penv, work, f"{name}-profile")["ops"]
                    for name, (cmd, penv) in programs.items()}
             result["profile_ms_per_step"] = op_diff(ops)
-        result.update(model=sizes, images=args.images, pixels=PIXELS, steps=args.steps, warmup=args.warmup,
-                      rounds=args.rounds, threads=args.threads, omp_wait_policy=args.omp_wait_policy,
+        result.update(family=args.family, model=sizes, images=args.images, pixels=pixels, steps=args.steps,
+                      warmup=args.warmup, rounds=args.rounds, threads=args.threads, omp_wait_policy=args.omp_wait_policy,
                       torchvision_stub=len(names) > 1, cpu_count=os.cpu_count(), load_average_end=load_average())
         print(json.dumps(result))
 
