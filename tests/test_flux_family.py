@@ -219,3 +219,22 @@ def test_resume_from_a_saved_state_matches_the_uninterrupted_flux_run(tmp_path, 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+
+
+@pytest.mark.parametrize("over,prefix", [
+    (dict(network_type="c3lier"), "lora_unet_double_blocks_0_img_attn_qkv"),  # Linear layers only: plain LoRA
+    (dict(network_type="loha"), "lora_transformer_transformer_blocks_0_attn_to_q"),
+    (dict(network_type="lokr"), "lora_transformer_transformer_blocks_0_attn_to_q"),
+    (dict(network_type="lierla", network_dora=True), "lora_transformer_transformer_blocks_0_attn_to_q"),
+])
+def test_every_network_type_trains_flux_and_loads_back(tmp_path, logs, over, prefix):
+    cfg = flux_job(tmp_path, "LoRA", train_iterations=2, **over)
+    result = Trainer(cfg, MemoryHost(tmp_path / "out", bundle=tiny_flux_bundle()), device="cpu").run()
+    assert result.status == "done"
+    written = load_file(str(result.output))
+    assert any(k.startswith(prefix + ".") for k in written), sorted(written)[:5]
+    fresh = tiny_flux_bundle()
+    Flux().prepare(fresh, cfg, torch.device("cpu"))
+    with loaded(fresh, cfg, result.output) as (net,):
+        again = net.state_dict_kohya()
+    assert set(again) == set(written) and all(torch.equal(again[k], written[k]) for k in written)
