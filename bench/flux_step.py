@@ -85,7 +85,8 @@ def flux_bundle(size: dict, seed: int = SEED) -> ModelBundle:
 
 def flux_config(data: Path, steps: int, name: str, size: dict) -> TrainConfig:
     """LoRA mode, lierla rank 16 / alpha 8, BASE off (cached captions), fp32, AdamW at a constant LR, batch 1;
-    σ by shift, raw prediction, no min-SNR (a DDPM weighting)."""
+    σ by shift, raw prediction, no min-SNR (a DDPM weighting); split_qkv on, so each of q, k, v has its
+    own down as in the bare loop (shared downs do the same matmuls)."""
     px = size["pixels"]
     return TrainConfig(
         mode="LoRA", network_type="lierla", save_lora_name=name, lora_data_directory=str(data),
@@ -96,7 +97,7 @@ def flux_config(data: Path, steps: int, name: str, size: dict) -> TrainConfig:
         train_seed=SEED, use_gradient_checkpointing=False, train_snr_gamma=0.0,
         network_blocks=[b for b in BLOCK_IDS if b != "BASE"],
         t5xxl_max_token_length=size["t5_tokens"], timestep_sampling="shift", discrete_flow_shift=SHIFT,
-        model_prediction_type="raw", guidance_scale=GUIDANCE)
+        model_prediction_type="raw", guidance_scale=GUIDANCE, split_qkv=True)
 
 
 def flux_step_loss(transformer: torch.nn.Module, latents: torch.Tensor, hidden: torch.Tensor,

@@ -127,7 +127,9 @@ def test_presets_and_schema(client, app):
 
 FLUX_ONLY_FIELDS = {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "sigmoid_scale",
                     "discrete_flow_shift", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-                    "model_prediction_type", "t5xxl_max_token_length", "apply_t5_attn_mask"}
+                    "model_prediction_type", "t5xxl_max_token_length", "apply_t5_attn_mask",
+                    "train_double_block_indices", "train_single_block_indices", "img_attn_dim", "single_mod_dim",
+                    "split_qkv", "train_t5xxl", "t5xxl_learning_rate"}
 
 
 def test_the_api_schema_lists_the_flux_fields_with_their_family():

@@ -238,3 +238,4 @@ def test_every_network_type_trains_flux_and_loads_back(tmp_path, logs, over, pre
     with loaded(fresh, cfg, result.output) as (net,):
         again = net.state_dict_kohya()
     assert set(again) == set(written) and all(torch.equal(again[k], written[k]) for k in written)
+

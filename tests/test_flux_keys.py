@@ -246,12 +246,28 @@ def _without_single_linear1(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in sd.items() if k.split(".")[0] not in names}
 
 
-def test_diffusers_reads_the_file_as_the_network_applies_it():
+def share_downs_of(net, sd: dict[str, torch.Tensor]) -> None:
+    """Give the parts of each fused layer the first part's down, in `net` and in `sd` (split_qkv off)."""
+    from trainer.families.flux_net import fused_groups
+
+    modules = {m.lora_name: m for m in net.loras}
+    with torch.no_grad():
+        for names in fused_groups(modules):
+            for name in names[1:]:
+                sd[f"{name}.lora_down.weight"] = sd[f"{names[0]}.lora_down.weight"].clone()
+                modules[name].lora_down.weight.copy_(sd[f"{name}.lora_down.weight"])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_diffusers_reads_the_file_as_the_network_applies_it(shared):
     """diffusers' own kohya-FLUX conversion (FluxPipeline.lora_state_dict, no peft needed), merged
-    by hand, gives the output of the LyCORIS network applied in memory and of W + up @ down * scale."""
+    by hand, gives the output of the LyCORIS network applied in memory and of W + up @ down * scale;
+    with parts that share a down (split_qkv off) the file is sd-scripts' one LoRA per fused layer."""
     base = tiny_flux()
     applied = copy.deepcopy(base)
     net, sd = lycoris_sd(applied)
+    if shared:
+        share_downs_of(net, sd)
     left_out = {"lora_unet_" + p.replace(".", "_") for p in SINGLE_QKV_MLP}
     with torch.no_grad():
         for module in net.loras:
@@ -259,7 +275,9 @@ def test_diffusers_reads_the_file_as_the_network_applies_it():
                 module.lora_up.weight.zero_()
         in_memory = applied(**flux_inputs())[0]
     sd = _without_single_linear1(sd)
-    converted = FluxPipeline.lora_state_dict(to_file(sd))
+    file = to_file(sd)
+    assert file["lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight"].shape[0] == (4 if shared else 12)
+    converted = FluxPipeline.lora_state_dict(file)
     deltas = {k[len("transformer."):-len(".lora_A.weight")]: converted[k.replace("lora_A", "lora_B")].double()
               @ converted[k].double() for k in converted if k.endswith(".lora_A.weight")}
     assert set(deltas) == set(memory_deltas(sd, base))
@@ -273,10 +291,14 @@ def test_diffusers_reads_the_file_as_the_network_applies_it():
 
 
 @pytest.mark.needs_peft
-def test_flux_pipeline_load_lora_weights_gives_the_network_output():
-    """The file through FluxPipeline.load_lora_weights (peft) on the tiny transformer."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_flux_pipeline_load_lora_weights_gives_the_network_output(shared):
+    """The file through FluxPipeline.load_lora_weights (peft) on the tiny transformer, with parts
+    apart (split_qkv) or sharing a down (sd-scripts' default)."""
     base = tiny_flux()
-    _, sd = lycoris_sd(copy.deepcopy(base), rank=3, alpha=4.0)
+    net, sd = lycoris_sd(copy.deepcopy(base), rank=3, alpha=4.0)
+    if shared:
+        share_downs_of(net, sd)
     sd = _without_single_linear1(sd)
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=copy.deepcopy(base))

@@ -13,7 +13,8 @@ What a family answers, grouped as the issue of a training job meets them:
 - the objective: timestep sampling, noisy model input, the denoiser forward, the training
   target (epsilon, v, flow) and the loss; ``check`` refuses settings the family cannot use;
 - block IDs for block selection, per-block rates and ranks (``block_ids``, ``block_id``,
-  ``selector``);
+  ``selector``); per-layer ranks (``layer_dims``, ``layer_kind``), layers that share one down
+  matrix (``shared_down_groups``) and text-encoder rates of their own (``text_encoder_lrs``);
 - sampling: the diffusers pipeline for samples, previews and the evaluation grid.
 """
 from __future__ import annotations
@@ -114,9 +115,33 @@ class Family:
         """Class names of the denoiser modules LyCORIS wraps."""
         raise NotImplementedError(f"{self.name}: network targets")
 
-    def network_text_encoders(self, bundle: ModelBundle) -> list[torch.nn.Module]:
+    def network_text_encoders(self, bundle: ModelBundle, scope: Mapping[str, Any] | None = None) -> list[torch.nn.Module]:
         """The text encoders a network may train (all of them unless the family says otherwise)."""
         return list(bundle.text_encoders)
+
+    def network_scope(self, cfg: Any) -> dict[str, Any]:
+        """The family's own network settings, read once from a job's settings (NetworkSpec.scope)."""
+        return {}
+
+    def network_args(self, cfg: Any) -> dict[str, str]:
+        """The family's own entries of ss_network_args (values as strings, as sd-scripts stores them)."""
+        return {}
+
+    def layer_dims(self, scope: Mapping[str, Any]) -> dict[str, int]:
+        """{layer kind: rank} for denoiser layers given a rank of their own (0: left out)."""
+        return {}
+
+    def layer_kind(self, module_path: str) -> str | None:
+        """The kind `layer_dims` names for a denoiser module path, or None."""
+        return None
+
+    def shared_down_groups(self, scope: Mapping[str, Any], lora_names: list[str]) -> list[list[str]]:
+        """Network modules (in-memory names) that share one down matrix, as one fused layer."""
+        return []
+
+    def text_encoder_lrs(self, cfg: Any) -> dict[str, float]:
+        """{in-memory name prefix: rate} for text-encoder modules at a rate of their own."""
+        return {}
 
     def file_names(self, bundle: ModelBundle, lora_names: list[str]) -> dict[str, str]:
         """In-memory module name -> the name files use, where they differ."""
@@ -162,8 +187,9 @@ class Family:
         """The block ID of a denoiser module path, or None when it lies in no single block."""
         raise NotImplementedError(f"{self.name}: block IDs")
 
-    def selector(self, blocks: Iterable[str], element: str) -> Callable[[str], bool]:
-        """A predicate over denoiser module paths: does a network with these settings cover it?"""
+    def selector(self, blocks: Iterable[str], element: str, scope: Mapping[str, Any] | None = None) -> Callable[[str], bool]:
+        """A predicate over denoiser module paths: does a network with these settings cover it?
+        (`scope`: what `network_scope` took from the job's settings.)"""
         raise NotImplementedError(f"{self.name}: block selection")
 
     # sampling ------------------------------------------------------------------------------------

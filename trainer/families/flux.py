@@ -8,13 +8,14 @@ layout (`flux_keys.py`); the files a user has are read by `flux_files.py`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
 from ..config.params import ConfigError
 from . import flow
 from .base import Family
+from .flux_net import FluxNetworkHooks
 
 if TYPE_CHECKING:
     from .bundle import ModelBundle
@@ -80,7 +81,7 @@ class FlowLoss:
         return per_sample.mean(), per_sample.detach()
 
 
-class Flux(Family):
+class Flux(FluxNetworkHooks, Family):
     name = "flux"
     label = "FLUX.1"
     text_encoder_count = 2
@@ -89,8 +90,6 @@ class Flux(Family):
     modelspec_arch = "flux-1-dev"
     implementation = "https://github.com/black-forest-labs/flux"
     host_weights = False  # A1111 cannot hold FLUX; Forge holds it in inference-only storage
-    double_blocks: ClassVar[int] = 19  # FLUX.1's own counts, for the block-ID list
-    single_blocks: ClassVar[int] = 38
 
     @classmethod
     def claims(cls, keys: Iterable[str], state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -139,6 +138,9 @@ class Flux(Family):
         if cfg.blocks_to_swap and cfg.trains_text_encoder:
             raise ConfigError("blocks_to_swap", cfg.blocks_to_swap, "works with the transformer's network only; "
                                                                    "turn text-encoder training off (BASE)")
+        if cfg.train_t5xxl and not cfg.trains_text_encoder:
+            raise ConfigError("train_t5xxl", True, "trains T5-XXL with the text encoders: select BASE in "
+                                                  "network_blocks and keep the text-encoder rate above 0")
         if cfg.train_snr_gamma > 0:
             return [f"train_snr_gamma {cfg.train_snr_gamma:g} {flow_schedule}; this job trains without it "
                     "(weighting_scheme sets the flow weighting)"]
@@ -247,40 +249,6 @@ class Flux(Family):
 
     def native_size(self, bundle: ModelBundle) -> int:
         return 1024
-
-    # blocks -----------------------------------------------------------------------------------------
-    def block_ids(self) -> tuple[str, ...]:
-        return (*(f"DB{i:02d}" for i in range(self.double_blocks)), *(f"SB{i:02d}" for i in range(self.single_blocks)))
-
-    def block_id(self, module_name: str) -> str | None:
-        parts = module_name.split(".")
-        if len(parts) < 2 or not parts[1].isdigit():
-            return None
-        prefix = {"transformer_blocks": "DB", "single_transformer_blocks": "SB"}.get(parts[0])
-        return None if prefix is None else f"{prefix}{int(parts[1]):02d}"
-
-    def selector(self, blocks: Iterable[str], element: str) -> Callable[[str], bool]:
-        if element != "Full":
-            raise ConfigError("network_element", element, f"{self.label} networks cover whole blocks (Full)")
-        return lambda name: True  # the TrainTrain U-Net block IDs do not apply to FLUX's blocks
-
-    # networks and files --------------------------------------------------------------------------------
-    def network_targets(self, trains_convs: bool) -> list[str]:
-        return ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
-
-    def network_text_encoders(self, bundle: ModelBundle) -> list[torch.nn.Module]:
-        return [bundle.text_encoders[0]]  # CLIP-L; T5 stays frozen
-
-    def to_file(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from .flux_keys import to_file
-
-        return to_file(state_dict)
-
-    def from_file(self, state_dict: dict[str, torch.Tensor],
-                  target: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
-        from .flux_keys import from_file
-
-        return from_file(state_dict, target)
 
     # sampling -------------------------------------------------------------------------------------------
     def sampling_scheduler(self, noise_scheduler: Any, sampler: str) -> Any:

@@ -13,7 +13,9 @@ that also has ``lora_transformer_`` LoRA keys):
   block-diagonal. sd-scripts keeps the part alpha there, and every consumer divides it by R,
   so its split files apply at 1/3 (linear1: 1/4) of the trained scale; here alpha = scale * R,
   so up @ down * alpha / R is exactly each part's delta (unequal part scales are folded into
-  their up blocks). ``final_layer_adaLN_modulation_1`` (``norm_out.linear``) is [shift, scale]
+  their up blocks). Parts that share one down (``split_qkv`` off, sd-scripts' default) are
+  written as sd-scripts writes them then: that down, the ups stacked, alpha unchanged.
+  ``final_layer_adaLN_modulation_1`` (``norm_out.linear``) is [shift, scale]
   in BFL, [scale, shift] in diffusers: its up rows are swapped.
   Read by sd-scripts, ComfyUI and Forge (``lora_unet_`` + BFL weight name), and by diffusers'
   ``FluxPipeline.load_lora_weights`` (``_convert_kohya_flux_lora_to_diffusers``): it splits
@@ -165,7 +167,8 @@ def _unet_to_bfl(unet: Groups) -> Groups:
     out: Groups = {}
     for file_name, parts in by_file.items():
         if counts[file_name] > 1:
-            out[file_name] = fuse(file_name, parts, counts[file_name])
+            shared = shared_down(parts, counts[file_name])
+            out[file_name] = shared if shared is not None else fuse(file_name, parts, counts[file_name])
         else:
             group = dict(parts[0])
             if file_name.endswith(_SWAPPED):
@@ -216,6 +219,21 @@ def _te_memory_name(name: str, target: Mapping[str, Sequence[int]] | None) -> st
             if any(k.startswith(f"{prefix}{rest}.") for k in target):
                 return prefix + rest
     return _TE_MEMORY[file_prefix] + rest
+
+
+def shared_down(parts: Mapping[int, Mapping[str, torch.Tensor]], count: int) -> dict[str, torch.Tensor] | None:
+    """sd-scripts' layout without split_qkv (one rank-r LoRA on the fused layer: the down, the ups
+    stacked), when every part is there with the same down and alpha; else None."""
+    if sorted(parts) != list(range(count)):
+        return None
+    ref = parts[0]
+    same = all(torch.equal(parts[j]["lora_down.weight"], ref["lora_down.weight"])
+               and "alpha" in parts[j] and float(parts[j]["alpha"]) == float(ref.get("alpha", -1)) for j in parts)
+    if not same:
+        return None
+    return {"lora_down.weight": ref["lora_down.weight"],
+            "lora_up.weight": torch.cat([parts[j]["lora_up.weight"] for j in range(count)]),
+            "alpha": ref["alpha"]}
 
 
 def fuse(file_name: str, parts: Mapping[int, Mapping[str, torch.Tensor]], count: int) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 targets, the TrainTrain block IDs of the ldm U-Net, CLIP prompt encoding and diffusers' SD pipelines."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
@@ -85,7 +85,7 @@ class UNetFamily(Family):
     def block_id(self, module_name: str) -> str | None:
         return blocks.block_id(self.unet_levels, module_name)
 
-    def selector(self, wanted: Iterable[str], element: str) -> Callable[[str], bool]:
+    def selector(self, wanted: Iterable[str], element: str, scope: Mapping[str, Any] | None = None) -> Callable[[str], bool]:
         return blocks.unet_selector(self.unet_levels, wanted, element)
 
     def encode_prompts(self, bundle: ModelBundle, prompts: list[str], *, clip_skip: int,

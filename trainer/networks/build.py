@@ -7,12 +7,10 @@ lock. Block and element filters go through LyCORIS's own ``is_excluded`` hook
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -20,9 +18,6 @@ from lycoris.kohya import LycorisNetworkKohya
 from lycoris.logging import logger as lycoris_logger
 
 from ..config.params import ConfigError
-
-if TYPE_CHECKING:
-    from ..families.base import Family
 
 ALGOS = {"lierla": "lora", "c3lier": "locon", "loha": "loha", "lokr": "lokr"}
 # conv_in, conv_out and time_embedding are never targets: diffusers 0.31 drops
@@ -51,6 +46,7 @@ class NetworkSpec:
     train_text_encoder: bool
     block_dims: tuple[tuple[str, int], ...] = ()  # (block ID, rank) where it differs from `rank`
     dora_on_output: bool = False  # DoRA magnitude per output channel instead of per input channel
+    scope: dict = field(default_factory=dict, compare=False)  # the family's own settings (network_scope)
 
     @property
     def algo(self) -> str:
@@ -71,7 +67,7 @@ class NetworkSpec:
         return self.train_text_encoder and self.element == "Full"
 
     @classmethod
-    def from_config(cls, cfg, train_text_encoder: bool | None = None) -> "NetworkSpec":
+    def from_config(cls, cfg, train_text_encoder: bool | None = None, family=None) -> "NetworkSpec":
         if cfg.network_type not in ALGOS:
             raise ConfigError("network_type", cfg.network_type, f"expected one of {', '.join(ALGOS)}")
         if cfg.network_dora and cfg.network_type not in ("lierla", "c3lier"):
@@ -87,6 +83,7 @@ class NetworkSpec:
             dora=bool(cfg.network_dora), blocks=tuple(cfg.network_blocks),
             element=cfg.network_element, train_text_encoder=te, block_dims=dims,
             dora_on_output=bool(cfg.network_dora_on_output),
+            scope=family.network_scope(cfg) if family is not None else {},
         )
 
     def rank_groups(self) -> list["NetworkSpec"]:
@@ -118,21 +115,22 @@ def text_encoder_root(te: torch.nn.Module) -> torch.nn.Module:
     back so the kohya names stay ``lora_te_text_model_...``. The holder only
     references `te`; nothing in `te` changes.
     """
-    if isinstance(getattr(te, "text_model", None), torch.nn.Module):
-        return te
+    if isinstance(getattr(te, "text_model", None), torch.nn.Module) or not type(te).__name__.startswith("CLIP"):
+        return te  # T5's paths (encoder.block...) are kohya's names as they are
     holder = torch.nn.Module()
     holder.add_module("text_model", te)
     return holder
 
 
 def text_encoder_targets(text_encoders: list[torch.nn.Module]) -> list[str]:
-    """CLIP attention and MLP class names present in these encoders (CLIPAttention,
-    CLIPSdpaAttention… depending on the installed transformers)."""
+    """Attention and MLP class names present in these encoders: CLIP's (CLIPAttention,
+    CLIPSdpaAttention… depending on the installed transformers) and T5's, as sd-scripts targets them."""
     names = set()
     for te in text_encoders:
         for module in te.modules():
             cls = type(module).__name__
-            if cls == "CLIPMLP" or (cls.startswith("CLIP") and cls.endswith(("Attention", "Attention2"))):
+            if (cls in ("CLIPMLP", "T5Attention", "T5DenseGatedActDense", "T5DenseActDense")
+                    or (cls.startswith("CLIP") and cls.endswith(("Attention", "Attention2")))):
                 names.add(cls)
     return sorted(names)
 
@@ -173,13 +171,21 @@ def _lycoris_preset(preset: dict) -> Iterator[None]:
                 setattr(LycorisNetworkKohya, attr, value)
 
 
-def _skip_fn(family: Family, spec: NetworkSpec) -> Callable[[str], bool]:
-    keep_unet = family.selector(spec.blocks, spec.element)
+def _skip_fn(bundle, spec: NetworkSpec, dims: dict[str, int], own: int | None) -> Callable[[str], bool]:
+    """Which module paths a network leaves out: blocks the family's selector drops, and layers
+    whose kind has a rank of its own unless this network is the one of that rank (`own`)."""
+    keep_unet = bundle.family.selector(spec.blocks, spec.element, spec.scope)
+    kind_of = bundle.family.layer_kind
 
     def skip(name: str) -> bool:
         if name == "text_model" or name.startswith("text_model."):
             return False  # text-encoder paths: whole encoders are in or out
-        return not keep_unet(name)
+        if not keep_unet(name):
+            return True
+        kind = kind_of(name) if dims else None
+        if kind is None:
+            return False  # a path above the layers, or a layer of no kind
+        return kind in dims if own is None else dims.get(kind) != own
 
     return skip
 
@@ -187,21 +193,50 @@ def _skip_fn(family: Family, spec: NetworkSpec) -> Callable[[str], bool]:
 def create_lycoris(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
     """Construct (not yet applied) the LyCORIS network for `bundle`.
 
-    Blocks with their own rank are built as separate networks of that rank
-    whose modules then join the first one: kohya files keep per-module shapes,
-    so the result saves and loads like any other network.
+    Blocks (or, where the family has them, layer kinds) with their own rank are built as
+    separate networks of that rank whose modules then join the first one: kohya files keep
+    per-module shapes, so the result saves and loads like any other network.
     """
-    specs = spec.rank_groups()
-    preset = _preset_for(bundle, spec)
-    with _lycoris_preset(preset):
-        nets = [_construct(bundle, s) for s in specs]
+    dims = bundle.family.layer_dims(spec.scope)
+    # A layer kind's rank keeps network_alpha (sd-scripts' type_dims); block ranks keep alpha/rank.
+    builds = [(s, None) for s in spec.rank_groups()] + [
+        (replace(spec, rank=d, conv_rank=d, block_dims=(), train_text_encoder=False), d)
+        for d in sorted({d for d in dims.values() if d > 0})]
+    with _lycoris_preset(_preset_for(bundle, spec)):
+        nets = [_construct(bundle, s, _skip_fn(bundle, s, dims, own)) for s, own in builds]
     main = nets[0]
     if len(nets) > 1:
         order = {"lora_unet_" + n.replace(".", "_"): i for i, (n, _) in enumerate(bundle.unet.named_modules())}
         main.text_encoder_loras = [m for net in nets for m in net.text_encoder_loras]
         main.unet_loras = sorted((m for net in nets for m in net.unet_loras), key=lambda m: order[m.lora_name])
         main.loras = main.text_encoder_loras + main.unet_loras
+    share_downs(main, bundle.family.shared_down_groups(spec.scope, [m.lora_name for m in main.unet_loras]))
     return main
+
+
+def share_downs(lyco: LycorisNetworkKohya, groups: list[list[str]]) -> int:
+    """Give the plain LoRA modules of each group their first module's down matrix (one Parameter),
+    as one LoRA on a fused layer has; returns how many modules now share. Groups with another
+    algorithm, DoRA or unequal ranks are left apart."""
+    by_name = {m.lora_name: m for m in lyco.loras}
+    shared = 0
+    for names in groups:
+        mods = [by_name[n] for n in names if n in by_name]
+        if len(mods) != len(names) or not all(_plain_lora(m) for m in mods):
+            continue
+        first = mods[0]
+        if any(m.lora_down.weight.shape != first.lora_down.weight.shape for m in mods):
+            continue
+        for m in mods[1:]:
+            m.lora_down = first.lora_down
+            shared += 1
+    return shared
+
+
+def _plain_lora(module) -> bool:
+    from lycoris.modules.locon import LoConModule
+
+    return type(module) is LoConModule and not module.wd and not module.tucker
 
 
 def _preset_for(bundle, spec: NetworkSpec) -> dict:
@@ -209,21 +244,21 @@ def _preset_for(bundle, spec: NetworkSpec) -> dict:
         "enable_conv": spec.trains_convs,
         "unet_target_module": bundle.family.network_targets(spec.trains_convs),
         "unet_target_name": [],
-        "text_encoder_target_module": (text_encoder_targets(bundle.family.network_text_encoders(bundle))
+        "text_encoder_target_module": (text_encoder_targets(bundle.family.network_text_encoders(bundle, spec.scope))
                                        if spec.with_text_encoder else []),
         "text_encoder_target_name": [],
         "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False, "exclude_name": [],
     }
 
 
-def _construct(bundle, spec: NetworkSpec) -> LycorisNetworkKohya:
+def _construct(bundle, spec: NetworkSpec, skip: Callable[[str], bool]) -> LycorisNetworkKohya:
     """One LyCORIS network at one rank."""
-    tes = ([text_encoder_root(te) for te in bundle.family.network_text_encoders(bundle)]
+    tes = ([text_encoder_root(te) for te in bundle.family.network_text_encoders(bundle, spec.scope)]
            if spec.with_text_encoder else [])
     # One encoder gives lora_te_*, a list gives lora_te1_*/lora_te2_* (SDXL).
     te_arg = (tes if len(tes) > 1 else tes[0]) if tes else None
     return _FilteredKohyaNetwork(
-        te_arg, bundle.unet, skip=_skip_fn(bundle.family, spec),
+        te_arg, bundle.unet, skip=skip,
         multiplier=1.0, lora_dim=spec.rank, alpha=spec.alpha,
         conv_lora_dim=spec.conv_rank if spec.trains_convs else 0, conv_alpha=spec.conv_alpha,
         network_module=spec.algo, weight_decompose=spec.dora,

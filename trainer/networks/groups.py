@@ -26,13 +26,24 @@ class GroupPlan:
     unet_ratio: float = 0.0
     te_ratio: float = 0.0
     weights: dict[str, float] = field(default_factory=dict)
+    te_rates: dict[str, float] = field(default_factory=dict)  # {module name prefix: rate} (FLUX's T5)
 
     @classmethod
-    def from_config(cls, cfg) -> "GroupPlan":
+    def from_config(cls, cfg, family: Family | None = None) -> "GroupPlan":
         ratio = float(cfg.loraplus_lr_ratio or 0.0)
         unet = ratio if cfg.loraplus_unet_lr_ratio is None else float(cfg.loraplus_unet_lr_ratio)
         te = ratio if cfg.loraplus_text_encoder_lr_ratio is None else float(cfg.loraplus_text_encoder_lr_ratio)
-        return cls(unet_ratio=unet, te_ratio=te, weights=lr_weights(cfg))
+        rates = family.text_encoder_lrs(cfg) if family is not None else {}
+        return cls(unet_ratio=unet, te_ratio=te, weights=lr_weights(cfg), te_rates=rates)
+
+    def te_part(self, module, lr: float) -> tuple[str, float]:
+        """(group name, rate) of a text-encoder module: its own rate where the family gives one
+        (never while the text encoders are frozen at 0)."""
+        name = getattr(module, "lora_name", "")
+        for prefix, rate in self.te_rates.items():
+            if name.startswith(prefix):
+                return f"{TE}_{prefix.removeprefix('lora_').strip('_')}", rate if lr != 0 else 0.0
+        return TE, lr
 
     def weight(self, block: str | None) -> float:
         return self.weights.get(block, 1.0) if block is not None else 1.0
@@ -68,15 +79,20 @@ def build_groups(plan: GroupPlan, family: Family, parts: list[tuple[str, list, f
     with the part's lr at 0 every parameter is returned, so freezing them all works.
     """
     groups: dict[str, dict] = {}
-    for part, modules, lr in parts:
+    seen: set[int] = set()  # a down matrix shared by several modules is one parameter
+    for part, modules, part_lr in parts:
         ratio = plan.unet_ratio if part == UNET else plan.te_ratio
         for module in modules:
             block = module_block(family, module, part)
             weight = plan.weight(block)
-            if weight == 0 and lr != 0:
+            if weight == 0 and part_lr != 0:
                 continue
-            name = part if weight == 1 or part == TE else f"{part}_{block}"
+            name, lr = plan.te_part(module, part_lr) if part == TE else (part, part_lr)
+            name = name if weight == 1 or part == TE else f"{part}_{block}"
             for pname, param in module.named_parameters():
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
                 up = ratio > 0 and "lora_up" in pname
                 key = f"{name}_up" if up else name
                 group = groups.setdefault(key, {"params": [], "lr": lr * weight * (ratio if up else 1.0),

@@ -131,7 +131,7 @@ def build_metadata(cfg, bundle, *, seed: int, steps: int, started_at: float, fin
         "ss_network_module": network_module(cfg),
         "ss_network_dim": str(int(cfg.network_rank)),
         "ss_network_alpha": _num(cfg.network_alpha),
-        "ss_network_args": json.dumps(network_args(cfg)),
+        "ss_network_args": json.dumps({**network_args(cfg), **bundle.family.network_args(cfg)}),
         "ss_learning_rate": _num(cfg.train_learning_rate),
         "ss_unet_lr": _num(cfg.train_learning_rate),
         "ss_text_encoder_lr": _num(cfg.text_encoder_lr if trains_te else 0.0),

@@ -70,7 +70,7 @@ class Network:
 
         Move the models first, or call to() after moving them: the network is not their submodule.
         """
-        spec = NetworkSpec.from_config(cfg, train_text_encoder)
+        spec = NetworkSpec.from_config(cfg, train_text_encoder, bundle.family)
         lyco = create_lycoris(bundle, spec)
         if not lyco.unet_loras and not lyco.text_encoder_loras:
             raise ConfigError("network_blocks", list(spec.blocks),
@@ -87,7 +87,7 @@ class Network:
             for param in lyco.parameters():
                 param.data = param.data.to(dtype)
         renames = bundle.family.file_names(bundle, [m.lora_name for m in lyco.unet_loras])
-        net = cls(lyco, spec, bundle.family, GroupPlan.from_config(cfg), renames)
+        net = cls(lyco, spec, bundle.family, GroupPlan.from_config(cfg, bundle.family), renames)
         for param in frozen_params(net.plan, bundle.family, net._parts()):
             param.requires_grad_(False)  # a block of learning-rate weight 0 never trains
         log.info("network %s: %d U-Net and %d text-encoder modules, %d parameters",

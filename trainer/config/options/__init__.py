@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from .data import DataOptions
 from .flow import FlowOptions
+from .fluxnet import FluxNetworkOptions
 from .grid import GridOptions
 from .loss import LossOptions
 from .network import NetworkOptions
 from .state import StateOptions
 
-OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions)
+OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions, FluxNetworkOptions)
 
 __all__ = ["OPTION_CLASSES", "NetworkOptions", "LossOptions", "DataOptions", "StateOptions", "GridOptions",
-           "FlowOptions"]
+           "FlowOptions", "FluxNetworkOptions"]
