@@ -173,7 +173,7 @@ def test_a_sd3_file_loads_back_into_the_same_network(tmp_path, logs, over, prefi
 def test_sd3_without_t5_trains_on_zero_tokens(tmp_path, logs):
     bundle = tiny_sd3_bundle(t5=False)
     cond = encode_prompts(bundle, ["a cat"])
-    assert cond.hidden.shape[1] == 77 + 256 and not cond.hidden[:, 77:].any()
+    assert cond.hidden.shape[1] == 77 + 77 and not cond.hidden[:, 77:].any()
     result = Trainer(sd3_job(tmp_path, "LoRA", train_iterations=1), MemoryHost(tmp_path / "out", bundle=bundle),
                      device="cpu").run()
     assert result.status == "done"

@@ -122,7 +122,7 @@ class SD3(SD3NetworkHooks, Family):
     def encode_prompts(self, bundle: ModelBundle, prompts: list[str], *, clip_skip: int,
                        grad: bool) -> Cond:
         """As diffusers' StableDiffusion3Pipeline.encode_prompt: CLIP-L and CLIP-G penultimate states
-        side by side, padded to T5's width, then T5's tokens (zeros without T5); pooled = both
+        side by side, padded to T5's width, then T5's tokens (77 zero tokens without T5); pooled = both
         projected pooled outputs."""
         from .sd3_files import NoT5
         from .textenc import Cond
@@ -139,8 +139,8 @@ class SD3(SD3NetworkHooks, Family):
         width = int(bundle.unet.config.joint_attention_dim)
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         t5, t5_tok = bundle.text_encoders[2], bundle.tokenizers[2]
-        if isinstance(t5, NoT5):
-            t5_out = clip.new_zeros((len(prompts), s["t5_length"], width))
+        if isinstance(t5, NoT5):  # 77 zero tokens, as sd-scripts (and diffusers 0.31) encode an absent T5
+            t5_out = clip.new_zeros((len(prompts), CLIP_LENGTH, width))
         else:
             tokens = t5_tok(prompts, padding="max_length", max_length=s["t5_length"], truncation=True,
                             return_tensors="pt")
