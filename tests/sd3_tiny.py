@@ -1,7 +1,7 @@
 """Tiny random SD3 / SD3.5 parts built in code, and writers for the files users have.
 
 Transformer: 3 joint blocks, 4 heads of 8 (width 32), q/k RMS norm; "5-medium" adds the MMDiT-X
-second attention in block 0, "5-large" has none. CLIP-L (quick GELU) and CLIP-G (GELU) are 16 wide
+second attention in block 0, "5-large" has none; "medium" (SD3) is one head of 64 without q/k norm. CLIP-L (quick GELU) and CLIP-G (GELU) are 16 wide
 with projections, so their states side by side fill T5's width of 32 (flux_tiny's tiny T5).
 Autoencoder: flux_tiny's 16-channel one with SD3's scaling and shift. The writers produce SAI's
 single-file layout through our own inverse of diffusers' key conversion.
@@ -25,10 +25,14 @@ CLIP_DIM = 16
 
 
 def tiny_sd3_transformer(variant: str = "5-medium") -> SD3Transformer2DModel:
+    """SD3 medium ("medium") has no q/k norm, so its file does not show the head width: one head of
+    SD3's 64 here, as the loader assumes."""
+    heads, width = (1, 64) if variant == "medium" else (4, 8)
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=T5_DIM, caption_projection_dim=32, pooled_projection_dim=2 * CLIP_DIM, out_channels=16,
-        pos_embed_max_size=16, dual_attention_layers=(0,) if variant == "5-medium" else (), qk_norm="rms_norm")
+        sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=width, num_attention_heads=heads,
+        joint_attention_dim=T5_DIM, caption_projection_dim=heads * width, pooled_projection_dim=2 * CLIP_DIM,
+        out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,) if variant == "5-medium" else (),
+        qk_norm=None if variant == "medium" else "rms_norm")
 
 
 def tiny_clip(act: str) -> CLIPTextModelWithProjection:

@@ -170,6 +170,17 @@ def test_a_sd3_file_loads_back_into_the_same_network(tmp_path, logs, over, prefi
     assert set(again) == set(written) and all(torch.equal(again[k], written[k]) for k in written)
 
 
+@pytest.mark.parametrize("variant,arch", [("medium", "stable-diffusion-3-medium"), ("5-large", "stable-diffusion-3-5-large")])
+def test_the_metadata_names_the_variant_as_sd_scripts_does(tmp_path, logs, variant, arch):
+    result = Trainer(sd3_job(tmp_path, "LoRA", train_iterations=1),
+                     MemoryHost(tmp_path / "out", bundle=tiny_sd3_bundle(variant)), device="cpu").run()
+    with safe_open(str(result.output), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_base_model_version"] == variant and meta["modelspec.architecture"] == f"{arch}/lora"
+    modules = {k.split(".")[0] for k in load_file(str(result.output))}
+    assert not any("attn2" in m for m in modules)  # MMDiT-X's second attention is SD3.5 medium's only
+
+
 def test_sd3_without_t5_trains_on_zero_tokens(tmp_path, logs):
     bundle = tiny_sd3_bundle(t5=False)
     cond = encode_prompts(bundle, ["a cat"])

@@ -27,7 +27,7 @@ def same_model(bundle, variant: str, t5: bool = True) -> None:
     assert bundle.vae_scale == 1.5305 and bundle.vae_shift == 0.0609 and bundle.vae.config.latent_channels == 16
 
 
-@pytest.mark.parametrize("variant", ["5-medium", "5-large"])
+@pytest.mark.parametrize("variant", ["medium", "5-medium", "5-large"])
 def test_a_single_file_with_everything_loads(tmp_path, variant):
     path = save_sd3_single(tiny_sd3_parts(variant), tmp_path / "sd3.5.safetensors")
     tiny_t5_tokenizer()._tokenizer.save(str(tmp_path / "tokenizer.json"))
