@@ -75,3 +75,19 @@ def test_prompts_are_encoded_as_diffusers_sd3_pipeline_encodes_them(t5):
     assert ours.hidden.shape == embeds.shape == (2, 77 + length, 32)
     assert torch.allclose(ours.hidden, embeds, atol=1e-6) and torch.allclose(ours.pooled, pooled, atol=1e-6)
     assert bool(ours.hidden[:, 77:].any()) == t5
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_samples_render_through_diffusers_sd3_pipeline_from_cached_prompts(t5):
+    bundle = tiny_sd3_bundle(t5=t5)
+    family = bundle.family
+    cond = family.encode_prompts(bundle, ["a cat", ""], clip_skip=1, grad=False)
+    pipe = family.pipeline(bundle, family.sampling_scheduler(bundle.noise_scheduler, "euler"))
+    assert pipe.transformer is bundle.unet and (pipe.text_encoder_3 is None) is (not t5)
+    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent", guidance_scale=5.0)
+    with torch.no_grad():
+        a = pipe(**family.pipeline_embeds(cond), generator=torch.Generator().manual_seed(0), **kwargs).images
+        b = pipe(prompt="a cat", negative_prompt="", generator=torch.Generator().manual_seed(0),
+                 max_sequence_length=256 if t5 else 77, **kwargs).images
+    assert family.pipeline_latents(a, 64, 64).shape == (1, 16, 8, 8)
+    assert torch.allclose(a, b, atol=1e-5)  # the cached embeddings are the pipeline's own
