@@ -188,3 +188,31 @@ def test_sd3_without_t5_trains_on_zero_tokens(tmp_path, logs):
     result = Trainer(sd3_job(tmp_path, "LoRA", train_iterations=1), MemoryHost(tmp_path / "out", bundle=bundle),
                      device="cpu").run()
     assert result.status == "done"
+
+
+@pytest.mark.parametrize("over,prefixes", [
+    (dict(), {"lora_te1_", "lora_te2_"}),
+    (dict(train_t5xxl=True, use_gradient_checkpointing=True), {"lora_te1_", "lora_te2_", "lora_te3_"}),
+])
+def test_text_encoders_train_with_base_under_sd_scripts_names(tmp_path, logs, over, prefixes):
+    cfg = sd3_job(tmp_path, "LoRA", train_iterations=2, network_blocks=["BASE", "IN01"], **over)
+    result = Trainer(cfg, MemoryHost(tmp_path / "out", bundle=tiny_sd3_bundle()), device="cpu").run()
+    assert result.status == "done"
+    written = load_file(str(result.output))
+    modules = {k.split(".")[0] for k in written}
+    assert {m[:9] for m in modules if m.startswith("lora_te")} == prefixes
+    assert {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_1_mlp_fc2"} <= modules
+    if "lora_te3_" in prefixes:
+        assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q" in modules
+    fresh = tiny_sd3_bundle()
+    SD3().prepare(fresh, cfg, torch.device("cpu"))
+    with loaded(fresh, cfg, result.output) as (net,):
+        again = net.state_dict_kohya()
+    assert set(again) == set(written) and all(torch.equal(again[k], written[k]) for k in written)
+
+
+def test_a_t5_lora_without_t5_is_refused_naming_the_key(tmp_path, logs):
+    cfg = sd3_job(tmp_path, "LoRA", train_iterations=1, network_blocks=["BASE", "IN01"], train_t5xxl=True)
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg, MemoryHost(tmp_path / "out", bundle=tiny_sd3_bundle(t5=False)), device="cpu").run()
+    assert info.value.key == "train_t5xxl" and "no T5-XXL" in str(info.value)
