@@ -115,3 +115,42 @@ def test_the_file_loads_in_diffusers_sd3_pipeline_with_the_networks_output(tmp_p
     pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
     got = sd3_forward(pipe.transformer)
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+@pytest.mark.needs_peft
+def test_a_trained_file_with_text_encoders_loads_in_diffusers_with_the_networks_outputs(tmp_path, logs):
+    """The engine's file (transformer, CLIP-L and CLIP-G LoRAs), as to_diffusers gives it to
+    load_lora_weights: prompts and transformer output equal those of the network in memory."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file, save_file
+
+    from trainer.training.engine import Trainer
+
+    from tests.enginekit import MemoryHost
+    from tests.modekit import loaded, mode_job, write_pair
+    from tests.sd3_tiny import tiny_sd3_bundle
+
+    write_pair(tmp_path / "pair", target_suffix="_t")
+    cfg = mode_job(tmp_path, "LoRA", lora_data_directory=str(tmp_path / "pair"), diff_target_name="_t",
+                   train_iterations=3, train_learning_rate=1e-2, network_blocks=["BASE", "IN01"],
+                   t5xxl_max_token_length=8, train_snr_gamma=0.0)
+    result = Trainer(cfg, MemoryHost(tmp_path / "out", bundle=tiny_sd3_bundle(t5=False)), device="cpu").run()
+    assert result.status == "done"
+    save_file(to_diffusers(load_file(str(result.output))), str(tmp_path / "diffusers_lora.safetensors"))
+
+    def outputs(bundle):
+        family = bundle.family
+        pipe = family.pipeline(bundle, family.sampling_scheduler(bundle.noise_scheduler, "euler"))
+        return pipe, lambda: (pipe.encode_prompt("a photo of a cat", None, None, do_classifier_free_guidance=False,
+                                                 max_sequence_length=77)[0], sd3_forward(bundle.unet))
+
+    plain_pipe, plain = outputs(tiny_sd3_bundle(t5=False))
+    base_embeds, base_out = plain()
+    mem = tiny_sd3_bundle(t5=False)
+    with loaded(mem, cfg, result.output):
+        want_embeds, want_out = outputs(mem)[1]()
+    plain_pipe.load_lora_weights(str(tmp_path), weight_name="diffusers_lora.safetensors")
+    got_embeds, got_out = plain()
+    assert (want_embeds - base_embeds).abs().max() > 1e-3 and (want_out - base_out).abs().max() > 1e-3
+    assert torch.allclose(got_embeds, want_embeds, atol=1e-4, rtol=0), (got_embeds - want_embeds).abs().max()
+    assert torch.allclose(got_out, want_out, atol=1e-4, rtol=0), (got_out - want_out).abs().max()
