@@ -120,14 +120,18 @@ def test_presets_and_schema(client, app):
     optimizer = next(r for r in rows if r["key"] == "train_optimizer")
     assert "AdamW" in optimizer["choices"] and optimizer["default"] == "AdamW"
     assert next(r for r in rows if r["key"] == "train_textencoder_learning_rate")["default"] == ""
-    flux = {r["key"]: r for r in rows if r["families"]}
-    assert set(flux) >= {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type"}
-    assert all(r["families"] == ["flux"] and r["group"] == "flow" for r in flux.values())
+    family = {r["key"]: r for r in rows if r["families"]}
+    assert set(family) >= {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type",
+                           "clip_g", "training_shift"}
+    assert all(r["families"] == FAMILIES_OF.get(k, ["flux"]) and r["group"] == "flow" for k, r in family.items())
 
 
-FLUX_ONLY_FIELDS = {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "sigmoid_scale",
-                    "discrete_flow_shift", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-                    "model_prediction_type", "t5xxl_max_token_length", "apply_t5_attn_mask",
+# The flow options SD3 shares with FLUX, and SD3's own; every other family field is FLUX's only.
+SHARED_FIELDS = {"clip_l", "t5xxl", "ae", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                 "t5xxl_max_token_length", "apply_t5_attn_mask"}
+SD3_ONLY_FIELDS = {"clip_g", "training_shift"}
+FAMILIES_OF = {**{k: ["flux", "sd3"] for k in SHARED_FIELDS}, **{k: ["sd3"] for k in SD3_ONLY_FIELDS}}
+FLUX_ONLY_FIELDS = {"guidance_scale", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
                     "train_double_block_indices", "train_single_block_indices", "img_attn_dim", "single_mod_dim",
                     "split_qkv", "train_t5xxl", "t5xxl_learning_rate"}
 
@@ -135,9 +139,10 @@ FLUX_ONLY_FIELDS = {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_samplin
 def test_the_api_schema_lists_the_flux_fields_with_their_family():
     rows = {r["name"]: r for r in schema()}
     flagged = {n for n, r in rows.items() if r["families"]}
-    assert flagged == {n for n, p in TrainConfig.params() if p.families} and FLUX_ONLY_FIELDS <= flagged
+    assert flagged == {n for n, p in TrainConfig.params() if p.families}
+    assert FLUX_ONLY_FIELDS | SHARED_FIELDS | SD3_ONLY_FIELDS <= flagged
     for name in flagged:
-        assert rows[name]["families"] == ["flux"] and rows[name]["group"] == "flow", name
+        assert rows[name]["families"] == FAMILIES_OF.get(name, ["flux"]) and rows[name]["group"] == "flow", name
     assert rows["network_rank"]["families"] == [] and rows["train_snr_gamma"]["families"] == []
     assert rows["discrete_flow_shift"]["default"] == 3.1582 and rows["guidance_scale"]["default"] == 1.0
 

@@ -8,9 +8,10 @@ import sys
 from trainer.config.schema import TrainConfig
 from trainer.paths import ROOT
 
-FLUX_FIELDS = {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "sigmoid_scale",
-               "discrete_flow_shift", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-               "model_prediction_type", "t5xxl_max_token_length", "apply_t5_attn_mask"}
+FLUX_FIELDS = {"guidance_scale", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type"}
+SHARED_FIELDS = {"clip_l", "t5xxl", "ae", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                 "t5xxl_max_token_length", "apply_t5_attn_mask"}  # SD3 uses them too
+SD3_FIELDS = {"clip_g", "training_shift"}
 
 
 def _entries(text: str) -> dict[str, str]:
@@ -26,11 +27,14 @@ def _entries(text: str) -> dict[str, str]:
     return entries
 
 
-def test_help_marks_the_flux_fields_as_flux_only():
+def test_help_marks_the_family_fields_with_their_families():
     text = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=ROOT, capture_output=True,
                           text=True, check=True, timeout=120).stdout
     entries = _entries(text)
     assert set(entries) == {p.key for _, p in TrainConfig.params()}
     marked = {key for key, body in entries.items() if body.endswith("[FLUX only]")}
     assert marked == {p.key for _, p in TrainConfig.params() if p.families == ("flux",)} and FLUX_FIELDS <= marked
+    shared = {key for key, body in entries.items() if body.endswith("[FLUX, SD3 only]")}
+    assert shared == SHARED_FIELDS
+    assert {key for key, body in entries.items() if body.endswith("[SD3 only]")} == SD3_FIELDS
     assert "[FLUX only]" not in entries["network_rank"] and "[FLUX only]" not in entries["model"]

@@ -18,7 +18,11 @@ from trainer.ui.controller import Controller
 from tests.familykit import header_file
 from tests.webuikit import fake_webui
 
-FLUX_ONLY = set(form.FAMILY_FIELDS)
+FAMILY = set(form.FAMILY_FIELDS)
+FLUX_ONLY = {n for n in FAMILY if form.PARAMS[n].families == ("flux",)}
+SD3_ONLY = {n for n in FAMILY if form.PARAMS[n].families == ("sd3",)}
+SHARED = {n for n in FAMILY if form.PARAMS[n].families == ("flux", "sd3")}  # FLUX's and SD3's flow options
+FLUX_FIELDS = FLUX_ONLY | SHARED
 DEFAULTS = form.form_values(TrainConfig())
 
 
@@ -26,38 +30,37 @@ def of_mode(mode: str) -> set[str]:
     return {n for n, p in form.PARAMS.items() if mode in p.modes}
 
 
-def test_the_family_fields_are_fluxs_flow_options():
-    assert FLUX_ONLY == set(form.GROUP_FIELDS["flow"])
-    assert {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type",
-            "t5xxl_max_token_length", "apply_t5_attn_mask"} <= FLUX_ONLY
-    assert all(form.PARAMS[n].families == ("flux",) for n in FLUX_ONLY)
-    assert not FLUX_ONLY & {"network_rank", "train_snr_gamma", "model", "mode"}
+def test_the_family_fields_are_the_flow_options_of_flux_and_sd3():
+    assert FAMILY == set(form.GROUP_FIELDS["flow"]) == FLUX_ONLY | SD3_ONLY | SHARED
+    assert {"guidance_scale", "timestep_sampling", "model_prediction_type"} <= FLUX_ONLY
+    assert {"clip_l", "t5xxl", "ae", "weighting_scheme", "t5xxl_max_token_length", "apply_t5_attn_mask"} == SHARED - {
+        "logit_mean", "logit_std", "mode_scale"}
+    assert SD3_ONLY == {"clip_g", "training_shift"}
+    assert not FAMILY & {"network_rank", "train_snr_gamma", "model", "mode"}
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_flux_fields_show_for_a_flux_model_only(mode):
-    assert FLUX_ONLY <= of_mode(mode)  # every mode trains FLUX
-    assert form.visible_fields(mode, "flux", DEFAULTS) == of_mode(mode)
+    assert FAMILY <= of_mode(mode)  # every mode trains FLUX and SD3
+    assert form.visible_fields(mode, "flux", DEFAULTS) == of_mode(mode) - SD3_ONLY
+    assert form.visible_fields(mode, "sd3", DEFAULTS) == of_mode(mode) - FLUX_ONLY
     for family in ("sd1", "sd2", "sdxl"):
-        assert form.visible_fields(mode, family, DEFAULTS) == of_mode(mode) - FLUX_ONLY
-    assert form.visible_fields(mode, None, DEFAULTS) == of_mode(mode) - FLUX_ONLY
-    assert form.visible_fields(mode) == of_mode(mode) - FLUX_ONLY
+        assert form.visible_fields(mode, family, DEFAULTS) == of_mode(mode) - FAMILY
+    assert form.visible_fields(mode, None, DEFAULTS) == of_mode(mode) - FAMILY
+    assert form.visible_fields(mode) == of_mode(mode) - FAMILY
 
 
 @pytest.mark.parametrize("preset", ["LoRA_FLUX_dev", "iLECO_FLUX", "ADDifT_FLUX"])
 def test_a_flux_preset_shows_them_when_the_family_is_not_known(preset):
     cfg = load_preset(preset)
     values = form.form_values(cfg)
-    assert form.families_in_use(values) == {"flux"}
-    assert form.visible_fields(cfg.mode, None, values) == of_mode(cfg.mode)
+    assert "flux" in form.families_in_use(values)
+    assert FLUX_FIELDS <= form.visible_fields(cfg.mode, None, values)
     # A model known to be SD keeps them hidden, whatever they hold.
-    assert not form.visible_fields(cfg.mode, "sdxl", values) & FLUX_ONLY
+    assert not form.visible_fields(cfg.mode, "sdxl", values) & FAMILY
 
 
 @pytest.mark.parametrize("change,shown", [
-    ({"t5xxl_max_token_length": "512"}, True),
-    ({"clip_l": "clip_l.safetensors"}, True),
-    ({"apply_t5_attn_mask": True}, True),
     ({"sigmoid_scale": "abc"}, True),  # an entry that does not parse is the user's, not the default
     ({"guidance_scale": "1"}, False),  # the default, written another way
     ({"guidance_scale": ""}, False),   # empty means the default
@@ -66,7 +69,23 @@ def test_a_flux_preset_shows_them_when_the_family_is_not_known(preset):
 ])
 def test_one_changed_flux_field_shows_them_all(change, shown):
     visible = form.visible_fields("LoRA", None, {**DEFAULTS, **change})
-    assert (FLUX_ONLY <= visible) is shown and (FLUX_ONLY & visible == set()) is (not shown)
+    assert (FLUX_FIELDS <= visible) is shown and (FAMILY & visible == set()) is (not shown)
+    assert not SD3_ONLY & visible  # a FLUX-only field says nothing of SD3
+
+
+@pytest.mark.parametrize("change,families", [
+    ({"t5xxl_max_token_length": "512"}, {"flux", "sd3"}),  # a field both families have shows both sets
+    ({"clip_l": "clip_l.safetensors"}, {"flux", "sd3"}),
+    ({"apply_t5_attn_mask": True}, {"flux", "sd3"}),
+    ({"clip_g": "clip_g.safetensors"}, {"sd3"}),
+    ({"training_shift": "3"}, {"sd3"}),
+])
+def test_a_changed_sd3_field_shows_the_sd3_fields(change, families):
+    values = {**DEFAULTS, **change}
+    assert form.families_in_use(values) == families
+    visible = form.visible_fields("LoRA", None, values)
+    assert SD3_ONLY | SHARED <= visible
+    assert (FLUX_ONLY <= visible) is ("flux" in families) and (FLUX_ONLY & visible == set()) is ("flux" not in families)
 
 
 def test_every_preset_of_another_family_keeps_them_hidden():

@@ -15,11 +15,12 @@ from .base import Family
 from .flux import Flux
 from .sd1 import SD1
 from .sd2 import SD2
+from .sd3 import SD3
 from .sdxl import SDXL
 
 # Families that are not SD U-Nets are asked first (their keys are unambiguous); the SD U-Nets
 # are told apart by checkpoint.detect_unet_family.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3())}
 
 __all__ = ["FAMILIES", "Family", "detect_family", "family_names", "file_family", "get_family"]
 
@@ -64,6 +65,8 @@ def file_family(path: str | Path) -> str | None:
             kind = str(index.get("_class_name", ""))
             if kind.startswith("Flux"):
                 return "flux"
+            if kind.startswith("StableDiffusion3"):
+                return "sd3"
             if "XL" in kind:
                 return "sdxl"
             return None

@@ -151,10 +151,10 @@ def load_vae_file(path: str | Path, *, scaling_factor: float = SD_VAE_SCALE,
     return finish(vae, dtype, device or torch.device("cpu"))
 
 
-def _flux_model(path: Path) -> bool:
+def _flux_model(path: Path, family: str = "flux") -> bool:
     from . import file_family
 
-    return file_family(path) == "flux"
+    return file_family(path) == family
 
 
 def load_model(path: str | Path, *, vae: str | Path | None = None, v_pred: bool | None = None,
@@ -179,6 +179,13 @@ def load_model(path: str | Path, *, vae: str | Path | None = None, v_pred: bool 
             return load_flux_diffusers(path, dtype=dtype, device=device)
         parts = {"ae": vae, **{k: v for k, v in (components or {}).items() if v}}
         return load_flux_files(path, parts, dtype=dtype, device=device, tokenizer_extra=tokenizer_extra)
+    if _flux_model(path, "sd3"):
+        from .sd3_files import load_sd3_bundle, load_sd3_diffusers
+
+        if path.is_dir():
+            return load_sd3_diffusers(path, dtype=dtype, device=device)
+        parts = {"ae": vae, **{k: v for k, v in (components or {}).items() if v}}
+        return load_sd3_bundle(path, parts, dtype=dtype, device=device, tokenizer_extra=tokenizer_extra)
     if path.is_dir():
         bundle = _load_folder(path, v_pred=v_pred)
         for module in bundle.modules():

@@ -177,7 +177,7 @@ class WebUIHost:
         if family is None or get_family(family).host_weights:
             return None
         parts = {role: str(self._component(role, getattr(cfg, role)))
-                 for role in ("clip_l", "t5xxl", "ae") if getattr(cfg, role)}
+                 for role in ("clip_l", "clip_g", "t5xxl", "ae") if getattr(cfg, role)}
         bundle = load_model(path, dtype=dtype, device=torch.device("cpu"), components=parts,
                             tokenizer_extra=tuple(self._t5_tokenizer_places()))
         why = ("AUTOMATIC1111 cannot hold FLUX" if self.kind == "a1111" else

@@ -107,7 +107,8 @@ def _num(x: float) -> str:
 
 
 def _architecture(bundle, cfg) -> str:
-    arch = bundle.family.architecture(bundle.v_pred)
+    # a family that tells its variants apart by the model (FLUX dev/schnell, SD3 medium/large) says so
+    arch = bundle.family.metadata(bundle).get("modelspec.architecture") or bundle.family.architecture(bundle.v_pred)
     return f"{arch}/{'lycoris' if uses_lycoris(cfg) else 'lora'}"
 
 

@@ -12,9 +12,10 @@ from .fluxnet import FluxNetworkOptions
 from .grid import GridOptions
 from .loss import LossOptions
 from .network import NetworkOptions
+from .sd3 import SD3Options
 from .state import StateOptions
 
-OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions, FluxNetworkOptions)
+OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions, FluxNetworkOptions, SD3Options)
 
 __all__ = ["OPTION_CLASSES", "NetworkOptions", "LossOptions", "DataOptions", "StateOptions", "GridOptions",
-           "FlowOptions", "FluxNetworkOptions"]
+           "FlowOptions", "FluxNetworkOptions", "SD3Options"]
