@@ -1,5 +1,5 @@
 """SD3.5 from the CLI: it trains from a transformer-only SAI file with separate CLIP-L, CLIP-G, T5-XXL
-and autoencoder files (clip_g through --set), writing sd-scripts' SAI keys."""
+and autoencoder files (--clip-l, --clip-g, --t5xxl, --ae), writing sd-scripts' SAI keys."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ def test_the_cli_trains_sd3_from_the_separate_files(tmp_path, monkeypatch, capsy
     preset.write_text(json.dumps(quick_config(make_images(tmp_path / "data"), train_iterations=2,
                                               t5xxl_max_token_length=8, train_snr_gamma=0.0).to_dict()))
     code = main(["--preset", str(preset), "--model", str(model), "--clip-l", str(files["clip_l"]),
-                 "--set", f"clip_g={files['clip_g']}", "--t5xxl", str(files["t5xxl"]), "--ae", str(files["ae"]),
+                 "--clip-g", str(files["clip_g"]), "--t5xxl", str(files["t5xxl"]), "--ae", str(files["ae"]),
                  "--set", "training_shift=3.0", "--lora-dir", str(tmp_path / "out"), "--quiet"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -309,7 +309,7 @@ def test_a_flux_checkpoint_is_read_from_its_files_with_a_message(kind, tmp_path,
         bundle = WebUIHost().load_bundle(cfg, dtype=torch.float32, device=CPU)
         assert bundle.family.name == "flux" and not bundle.extra.get("reused_from_host")
         assert "flux1-dev.safetensors" in bundle.extra["trains_on"]
-        assert ("cannot hold FLUX" if kind == "a1111" else "inference only") in bundle.extra["trains_on"]
+        assert ("cannot hand FLUX.1 weights" if kind == "a1111" else "holds FLUX.1 for inference only") in bundle.extra["trains_on"]
         with pytest.raises(ConfigError) as err:
             WebUIHost().load_bundle(quick_config(tmp_path, model=info.title, clip_l="/etc/passwd"),
                                     dtype=torch.float32, device=CPU)

@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", required=True, help="preset JSON file, or a preset name in presets/")
     parser.add_argument("--model", help="checkpoint file or diffusers folder (overrides the preset's model)")
     parser.add_argument("--vae", help="separate VAE file (overrides the preset's vae)")
-    parser.add_argument("--clip-l", dest="clip_l", help="FLUX: the CLIP-L text encoder file (sets clip_l)")
-    parser.add_argument("--t5xxl", help="FLUX: the T5-XXL text encoder file (sets t5xxl)")
-    parser.add_argument("--ae", help="FLUX: the autoencoder file (sets ae)")
+    parser.add_argument("--clip-l", dest="clip_l", help="FLUX, SD3: the CLIP-L text encoder file (sets clip_l)")
+    parser.add_argument("--clip-g", dest="clip_g", help="SD3: the CLIP-G text encoder file (sets clip_g)")
+    parser.add_argument("--t5xxl", help="FLUX, SD3: the T5-XXL text encoder file (sets t5xxl)")
+    parser.add_argument("--ae", help="FLUX, SD3: the autoencoder file (sets ae)")
     parser.add_argument("--lora-dir", default="output", help="where the network is written (default: ./output)")
     parser.add_argument("--models-dir", action="append", default=[], help="folder to look up model names in (repeatable)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -117,7 +118,7 @@ def load_config(args: argparse.Namespace, warn: bool = True) -> TrainConfig:
     overrides, second = parse_sets(args.sets)
     if args.model:
         overrides["model"] = args.model
-    for key in ("vae", "clip_l", "t5xxl", "ae"):
+    for key in ("vae", "clip_l", "clip_g", "t5xxl", "ae"):
         if getattr(args, key):
             overrides[key] = getattr(args, key)
     cfg = cfg.with_overrides(overrides)

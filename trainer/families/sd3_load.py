@@ -20,7 +20,7 @@ from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
 
 from .flux_load import FluxLoadError, _assign, _count, _read, _sample, read_keys
-from .flux_parts import CLIP_MARK, T5_MARK, _ae, _t5xxl, clip_l_config
+from .flux_parts import CLIP_MARK, _ae, _t5xxl, clip_l_config
 
 SAI_PREFIXES = ("model.diffusion_model.", "")
 MARKERS = ("joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.context_block.attn.qkv.weight",

@@ -142,7 +142,7 @@ class WebUIHost:
     def load_bundle(self, cfg: TrainConfig, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:
         from ..families.loading import load_model, load_vae_file
 
-        flux = self._flux_from_files(cfg, dtype)
+        flux = self._from_files(cfg, dtype)
         if flux is not None:
             return flux
         lossy = self._forge_lossy_storage() if self.is_loaded(cfg.model) else None
@@ -161,12 +161,13 @@ class WebUIHost:
                                        dtype=next(bundle.vae.parameters()).dtype)
         return bundle
 
-    # ---- FLUX: always from its files ----------------------------------------------------------------
+    # ---- FLUX and SD3: always from their files -------------------------------------------------------
     COMPONENT_DIRS = ("text_encoder", "clip", "VAE", "vae", "Stable-diffusion")
 
-    def _flux_from_files(self, cfg: TrainConfig, dtype: torch.dtype) -> ModelBundle | None:
-        """A FLUX checkpoint is read from its files: A1111 cannot hold FLUX, and Forge holds it for
-        inference (fp8/nf4/gguf storage under inference mode), which cannot be trained in place."""
+    def _from_files(self, cfg: TrainConfig, dtype: torch.dtype) -> ModelBundle | None:
+        """A checkpoint of a family the host cannot hand over (FLUX, SD3) is read from its files:
+        A1111 cannot hold FLUX and keeps SD3 in its own modules; Forge holds both for inference
+        (fp8/nf4/gguf storage under inference mode), which cannot be trained in place."""
         from ..families import file_family, get_family
         from ..families.loading import load_model
 
@@ -180,14 +181,15 @@ class WebUIHost:
                  for role in ("clip_l", "clip_g", "t5xxl", "ae") if getattr(cfg, role)}
         bundle = load_model(path, dtype=dtype, device=torch.device("cpu"), components=parts,
                             tokenizer_extra=tuple(self._t5_tokenizer_places()))
-        why = ("AUTOMATIC1111 cannot hold FLUX" if self.kind == "a1111" else
-               "Forge holds FLUX for inference only, in storage that cannot be trained in place")
+        label = get_family(family).label
+        why = (f"AUTOMATIC1111 cannot hand {label} weights to the trainer" if self.kind == "a1111" else
+               f"Forge holds {label} for inference only, in storage that cannot be trained in place")
         bundle.extra["trains_on"] = f"training on {path.name} and its text encoder and autoencoder files ({why})"
         console(bundle.extra["trains_on"])
         return bundle
 
     def _component(self, role: str, name: str) -> Path:
-        """A FLUX part the user picked: a file in the WebUI's text encoder, CLIP, VAE or checkpoint folders."""
+        """A model part the user picked (FLUX, SD3): a file in the WebUI's text encoder, CLIP, VAE or checkpoint folders."""
         from modules import paths
 
         from ..fsutil import inside
@@ -212,7 +214,7 @@ class WebUIHost:
         return forge_t5_tokenizers(getattr(paths, "script_path", Path(paths.models_path).parent))
 
     def list_components(self) -> list[str]:
-        """Files the FLUX part pickers offer: the WebUI's text encoders and VAEs."""
+        """Files the part pickers (FLUX, SD3) offer: the WebUI's text encoders and VAEs."""
         from modules import paths
 
         found = set()
