@@ -16,10 +16,13 @@ from .flux import Flux
 from .sd1 import SD1
 from .sd2 import SD2
 from .sdxl import SDXL
+from .zimage import ZImage
+from .zimage_load import has_zimage
 
 # Families that are not SD U-Nets are asked first (their keys are unambiguous); the SD U-Nets
 # are told apart by checkpoint.detect_unet_family.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux())}
+# Z-Image is offered only where diffusers has its transformer (>= 0.36); elsewhere its files are refused.
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), *((ZImage(),) if has_zimage() else ()))}
 
 __all__ = ["FAMILIES", "Family", "detect_family", "family_names", "file_family", "get_family"]
 
@@ -64,6 +67,8 @@ def file_family(path: str | Path) -> str | None:
             kind = str(index.get("_class_name", ""))
             if kind.startswith("Flux"):
                 return "flux"
+            if kind.startswith("ZImage"):
+                return "zimage" if "zimage" in FAMILIES else None
             if "XL" in kind:
                 return "sdxl"
             return None

@@ -13,8 +13,9 @@ from .grid import GridOptions
 from .loss import LossOptions
 from .network import NetworkOptions
 from .state import StateOptions
+from .zimage import ZImageOptions
 
-OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions, FluxNetworkOptions)
+OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions, FluxNetworkOptions, ZImageOptions)
 
 __all__ = ["OPTION_CLASSES", "NetworkOptions", "LossOptions", "DataOptions", "StateOptions", "GridOptions",
-           "FlowOptions", "FluxNetworkOptions"]
+           "FlowOptions", "FluxNetworkOptions", "ZImageOptions"]
