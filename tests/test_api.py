@@ -120,7 +120,7 @@ def test_presets_and_schema(client, app):
     optimizer = next(r for r in rows if r["key"] == "train_optimizer")
     assert "AdamW" in optimizer["choices"] and optimizer["default"] == "AdamW"
     assert next(r for r in rows if r["key"] == "train_textencoder_learning_rate")["default"] == ""
-    flux = {r["key"]: r for r in rows if r["families"]}
+    flux = {r["key"]: r for r in rows if r["families"] and r["key"] not in ZIMAGE_ONLY_FIELDS}
     assert set(flux) >= {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type"}
     assert all(r["families"] == ["flux"] and r["group"] == "flow" for r in flux.values())
 
@@ -132,12 +132,17 @@ FLUX_ONLY_FIELDS = {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_samplin
                     "split_qkv", "train_t5xxl", "t5xxl_learning_rate"}
 
 
+ZIMAGE_ONLY_FIELDS = {"qwen3", "qwen3_max_token_length"}
+
+
 def test_the_api_schema_lists_the_flux_fields_with_their_family():
     rows = {r["name"]: r for r in schema()}
     flagged = {n for n, r in rows.items() if r["families"]}
     assert flagged == {n for n, p in TrainConfig.params() if p.families} and FLUX_ONLY_FIELDS <= flagged
+    assert {n for n in flagged if rows[n]["families"] == ["zimage"]} == ZIMAGE_ONLY_FIELDS
     for name in flagged:
-        assert rows[name]["families"] == ["flux"] and rows[name]["group"] == "flow", name
+        family = ["zimage"] if name in ZIMAGE_ONLY_FIELDS else ["flux"]
+        assert rows[name]["families"] == family and rows[name]["group"] == "flow", name
     assert rows["network_rank"]["families"] == [] and rows["train_snr_gamma"]["families"] == []
     assert rows["discrete_flow_shift"]["default"] == 3.1582 and rows["guidance_scale"]["default"] == 1.0
 

@@ -34,3 +34,5 @@ def test_help_marks_the_flux_fields_as_flux_only():
     marked = {key for key, body in entries.items() if body.endswith("[FLUX only]")}
     assert marked == {p.key for _, p in TrainConfig.params() if p.families == ("flux",)} and FLUX_FIELDS <= marked
     assert "[FLUX only]" not in entries["network_rank"] and "[FLUX only]" not in entries["model"]
+    zimage = {key for key, body in entries.items() if body.endswith("[ZIMAGE only]")}
+    assert zimage == {p.key for _, p in TrainConfig.params() if p.families == ("zimage",)} == {"qwen3", "qwen3_max_token_length"}

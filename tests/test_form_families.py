@@ -18,7 +18,8 @@ from trainer.ui.controller import Controller
 from tests.familykit import header_file
 from tests.webuikit import fake_webui
 
-FLUX_ONLY = set(form.FAMILY_FIELDS)
+FLUX_ONLY = {n for n in form.FAMILY_FIELDS if form.PARAMS[n].families == ("flux",)}
+ZIMAGE_ONLY = {n for n in form.FAMILY_FIELDS if form.PARAMS[n].families == ("zimage",)}
 DEFAULTS = form.form_values(TrainConfig())
 
 
@@ -26,22 +27,24 @@ def of_mode(mode: str) -> set[str]:
     return {n for n, p in form.PARAMS.items() if mode in p.modes}
 
 
-def test_the_family_fields_are_fluxs_flow_options():
-    assert FLUX_ONLY == set(form.GROUP_FIELDS["flow"])
+def test_the_family_fields_are_fluxs_and_zimages_flow_options():
+    assert FLUX_ONLY | ZIMAGE_ONLY == set(form.FAMILY_FIELDS) == set(form.GROUP_FIELDS["flow"])
     assert {"clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type",
             "t5xxl_max_token_length", "apply_t5_attn_mask"} <= FLUX_ONLY
-    assert all(form.PARAMS[n].families == ("flux",) for n in FLUX_ONLY)
-    assert not FLUX_ONLY & {"network_rank", "train_snr_gamma", "model", "mode"}
+    assert ZIMAGE_ONLY == {"qwen3", "qwen3_max_token_length"}
+    assert not (FLUX_ONLY | ZIMAGE_ONLY) & {"network_rank", "train_snr_gamma", "model", "mode"}
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_flux_fields_show_for_a_flux_model_only(mode):
     assert FLUX_ONLY <= of_mode(mode)  # every mode trains FLUX
-    assert form.visible_fields(mode, "flux", DEFAULTS) == of_mode(mode)
+    assert ZIMAGE_ONLY <= of_mode(mode)  # and Z-Image
+    assert form.visible_fields(mode, "flux", DEFAULTS) == of_mode(mode) - ZIMAGE_ONLY
+    assert form.visible_fields(mode, "zimage", DEFAULTS) == of_mode(mode) - FLUX_ONLY
     for family in ("sd1", "sd2", "sdxl"):
-        assert form.visible_fields(mode, family, DEFAULTS) == of_mode(mode) - FLUX_ONLY
-    assert form.visible_fields(mode, None, DEFAULTS) == of_mode(mode) - FLUX_ONLY
-    assert form.visible_fields(mode) == of_mode(mode) - FLUX_ONLY
+        assert form.visible_fields(mode, family, DEFAULTS) == of_mode(mode) - FLUX_ONLY - ZIMAGE_ONLY
+    assert form.visible_fields(mode, None, DEFAULTS) == of_mode(mode) - FLUX_ONLY - ZIMAGE_ONLY
+    assert form.visible_fields(mode) == of_mode(mode) - FLUX_ONLY - ZIMAGE_ONLY
 
 
 @pytest.mark.parametrize("preset", ["LoRA_FLUX_dev", "iLECO_FLUX", "ADDifT_FLUX"])
@@ -49,7 +52,7 @@ def test_a_flux_preset_shows_them_when_the_family_is_not_known(preset):
     cfg = load_preset(preset)
     values = form.form_values(cfg)
     assert form.families_in_use(values) == {"flux"}
-    assert form.visible_fields(cfg.mode, None, values) == of_mode(cfg.mode)
+    assert form.visible_fields(cfg.mode, None, values) == of_mode(cfg.mode) - ZIMAGE_ONLY
     # A model known to be SD keeps them hidden, whatever they hold.
     assert not form.visible_fields(cfg.mode, "sdxl", values) & FLUX_ONLY
 
@@ -67,6 +70,12 @@ def test_a_flux_preset_shows_them_when_the_family_is_not_known(preset):
 def test_one_changed_flux_field_shows_them_all(change, shown):
     visible = form.visible_fields("LoRA", None, {**DEFAULTS, **change})
     assert (FLUX_ONLY <= visible) is shown and (FLUX_ONLY & visible == set()) is (not shown)
+    assert not ZIMAGE_ONLY & visible  # a FLUX field says nothing about Z-Image's
+
+
+def test_a_changed_zimage_field_shows_zimages_fields_only():
+    visible = form.visible_fields("LoRA", None, {**DEFAULTS, "qwen3": "qwen_3_4b.safetensors"})
+    assert ZIMAGE_ONLY <= visible and not FLUX_ONLY & visible
 
 
 def test_every_preset_of_another_family_keeps_them_hidden():
