@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+from typing import Any
+
 
 from tests.flux_tiny import save_ae, tiny_flux_ae
 
@@ -28,8 +29,9 @@ CHAT_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['ro
 CAP_DIM = 32
 
 
-def tiny_qwen_tokenizer(template: bool = True) -> PreTrainedTokenizerFast:
+def tiny_qwen_tokenizer(template: bool = True) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate([*SPECIALS, *WORDS, *"abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -42,7 +44,9 @@ def tiny_qwen_tokenizer(template: bool = True) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_qwen3() -> Qwen3Model:
+def tiny_qwen3() -> Any:
+    from transformers import Qwen3Config, Qwen3Model
+
     return Qwen3Model(Qwen3Config(
         vocab_size=len(tiny_qwen_tokenizer()), hidden_size=CAP_DIM, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0,
@@ -61,7 +65,7 @@ def tiny_zimage_transformer():
 @dataclass
 class TinyZImage:
     transformer: torch.nn.Module
-    qwen3: Qwen3Model
+    qwen3: Any
     vae: torch.nn.Module
 
 

@@ -207,14 +207,14 @@ def load_zimage_files(model: str | Path, qwen3: str | Path | None, vae: str | Pa
 
 def load_zimage_folder(folder: str | Path, *, dtype: torch.dtype, device: torch.device) -> ModelBundle:
     """A Z-Image bundle from a diffusers ZImagePipeline folder."""
+    folder = Path(folder)
+    require_zimage(folder)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import AutoModel
 
     from .flux_parts import _dtype_kwarg
     from .single_file import finish
 
-    folder = Path(folder)
-    require_zimage(folder)
     parts = {}
     for role, cls in (("transformer", ZImageTransformer2DModel), ("text_encoder", AutoModel),
                       ("vae", AutoencoderKL), ("scheduler", FlowMatchEulerDiscreteScheduler)):
