@@ -129,3 +129,21 @@ def test_sigma_sampling_is_flux_s():
     ours = ZImage().sample_timesteps(cfg, 6, (6, 16, 64, 64), generator=torch.Generator().manual_seed(0), device=CPU)
     expected = flow.shift_sigma(torch.sigmoid(torch.randn(6, generator=torch.Generator().manual_seed(0))), 3.0)
     assert torch.allclose(ours, expected)
+
+
+def test_samples_render_through_the_zimage_pipeline():
+    import numpy as np
+
+    from trainer.training.samples import render_samples
+
+    bundle = tiny_zimage_bundle()
+    bundle.family.prepare(bundle, _raw(), CPU)
+    first = render_samples(bundle, ["a photo of a cat"], negative_prompt="blue", steps=2, size=(64, 64),
+                           seed=3, guidance=4.0, device=CPU)
+    again = render_samples(bundle, ["a photo of a cat"], negative_prompt="blue", steps=2, size=(64, 64),
+                           seed=3, guidance=4.0, device=CPU)
+    other = render_samples(bundle, ["a photo of a cat"], negative_prompt="blue", steps=2, size=(64, 64),
+                           seed=4, guidance=4.0, device=CPU)
+    assert first[0].size == (64, 64)
+    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
