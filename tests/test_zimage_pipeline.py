@@ -100,7 +100,7 @@ def test_prompts_are_encoded_as_the_pipeline_encodes_them():
     theirs = pipeline_of(bundle)._encode_prompt(list(prompts), device=CPU, max_sequence_length=24)
     assert [t.shape for t in ours] == [t.shape for t in theirs]
     assert ours[0].shape[0] == 14  # 5 template tokens + 9 words: padding cut, as the pipeline cuts it
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 

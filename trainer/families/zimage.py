@@ -16,7 +16,7 @@ cached captions keep it.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -171,7 +171,8 @@ class ZImage(Family):
             return None
         return f"{_BLOCK_IDS[parts[0]]}{int(parts[1]):02d}"
 
-    def selector(self, blocks: Iterable[str], element: str, scope: Mapping[str, Any] | None = None):
+    def selector(self, blocks: Iterable[str], element: str,
+                 scope: Mapping[str, Any] | None = None) -> Callable[[str], bool]:
         """Every transformer block (the U-Net block IDs of TrainTrain do not apply to Z-Image)."""
         if element != "Full":
             raise ConfigError("network_element", element, f"{self.label} networks cover whole blocks (Full)")

@@ -72,9 +72,14 @@ def _read(path: Path, field: str, dtype: torch.dtype) -> dict[str, torch.Tensor]
         raise ConfigError(field, str(path), "file not found")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return {k: (t.to(dtype) if t.is_floating_point() else t) for k in fh.keys() for t in [fh.get_tensor(k)]}
+            # cast one tensor at a time: the peak is the result, not the file plus the result
+            return {k: _cast(fh.get_tensor(k), dtype) for k in fh.keys()}
     except (SafetensorError, OSError) as exc:
         raise ConfigError(field, str(path), f"is not a readable safetensors file ({exc})") from None
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
 
 def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], field: str, path: Path) -> torch.nn.Module:
@@ -176,7 +181,7 @@ def scheduler(config: dict | None = None) -> Any:
 def load_zimage_files(model: str | Path, qwen3: str | Path | None, vae: str | Path | None, *,
                       dtype: torch.dtype, device: torch.device) -> ModelBundle:
     """A Z-Image bundle from a transformer file, a Qwen3 file and an autoencoder (FLUX's ae) file."""
-    from .flux_load import FluxLoadError
+    from .flux_load import FluxLoadError, read_keys
     from .flux_parts import _ae
     from .single_file import finish
 
@@ -191,9 +196,7 @@ def load_zimage_files(model: str | Path, qwen3: str | Path | None, vae: str | Pa
     qwen3, vae = Path(qwen3), Path(vae)
     transformer = load_transformer(model, dtype)
     encoder = load_qwen3(qwen3, dtype)
-    try:
-        from .flux_load import read_keys
-
+    try:  # FLUX.1's ae.safetensors, read by the FLUX loader
         autoencoder = _ae(vae, read_keys(vae, role="ae"), dtype)
     except FluxLoadError as exc:
         raise ConfigError("vae", str(vae), str(exc).split(":", 1)[-1].strip()) from None
