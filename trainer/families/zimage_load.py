@@ -25,19 +25,25 @@ QWEN3_MARK = "layers.0.self_attn.q_proj.weight"
 
 
 def diffusers_version() -> str:
-    import diffusers
+    from importlib.metadata import PackageNotFoundError, version
 
-    return str(diffusers.__version__)
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def has_zimage() -> bool:
-    """Whether the installed diffusers has ZImageTransformer2DModel and ZImagePipeline."""
-    import diffusers
+    """Whether the installed diffusers has Z-Image's transformer and pipeline. Their files are looked
+    for, nothing is imported: importing diffusers' model packages costs seconds at start-up."""
+    from importlib.util import find_spec
 
-    try:
-        return hasattr(diffusers, "ZImageTransformer2DModel") and hasattr(diffusers, "ZImagePipeline")
-    except (ImportError, RuntimeError):  # a lazy attribute whose module fails to import
+    spec = find_spec("diffusers")
+    if spec is None or not spec.submodule_search_locations:
         return False
+    return any((Path(root) / "models" / "transformers" / "transformer_z_image.py").is_file()
+               and (Path(root) / "pipelines" / "z_image" / "__init__.py").is_file()
+               for root in spec.submodule_search_locations)
 
 
 def require_zimage(path: str | Path) -> None:
