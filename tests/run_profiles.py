@@ -49,10 +49,10 @@ class Profile:
 
 
 PROFILES = {
-    "a1111": Profile("a1111", ("-m", "not needs_peft"), ("peft",)),
-    "forge": Profile("forge", (), ()),
+    "a1111": Profile("a1111", ("-m", "not needs_peft and not needs_zimage"), ("peft",)),
+    "forge": Profile("forge", ("-m", "not needs_zimage"), ()),
     "latest": Profile("latest", ("-m", "not ui"), (), ui=False),
-    "neo": Profile("neo", ("-m", "not ui and not slow"), (), ui=False),  # core subset: keeps CI short
+    "neo": Profile("neo", ("-m", "not ui and not slow and not needs_zimage"), (), ui=False),  # core subset: keeps CI short
 }
 
 

@@ -126,12 +126,16 @@ def test_presets_and_schema(client, app):
     assert all(r["families"] == FAMILIES_OF.get(k, ["flux"]) and r["group"] == "flow" for k, r in family.items())
 
 
-# The flow options SD3 shares with FLUX, and SD3's own; every other family field is FLUX's only.
-SHARED_FIELDS = {"clip_l", "t5xxl", "ae", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-                 "t5xxl_max_token_length", "apply_t5_attn_mask"}
+# The flow options other families share with FLUX, and their own; every other family field is FLUX's only.
+SHARED_FIELDS = {"clip_l", "t5xxl", "ae", "t5xxl_max_token_length", "apply_t5_attn_mask"}  # FLUX and SD3
+ZIMAGE_SHARED = {"timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type"}
+ALL_FLOW_FIELDS = {"weighting_scheme", "logit_mean", "logit_std", "mode_scale"}
 SD3_ONLY_FIELDS = {"clip_g", "training_shift"}
-FAMILIES_OF = {**{k: ["flux", "sd3"] for k in SHARED_FIELDS}, **{k: ["sd3"] for k in SD3_ONLY_FIELDS}}
-FLUX_ONLY_FIELDS = {"guidance_scale", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+ZIMAGE_ONLY_FIELDS = {"qwen3", "qwen3_max_token_length"}
+FAMILIES_OF = {**{k: ["flux", "sd3"] for k in SHARED_FIELDS}, **{k: ["flux", "zimage"] for k in ZIMAGE_SHARED},
+               **{k: ["flux", "sd3", "zimage"] for k in ALL_FLOW_FIELDS}, **{k: ["sd3"] for k in SD3_ONLY_FIELDS},
+               **{k: ["zimage"] for k in ZIMAGE_ONLY_FIELDS}}
+FLUX_ONLY_FIELDS = {"guidance_scale", "blocks_to_swap", "fp8_base",
                     "train_double_block_indices", "train_single_block_indices", "img_attn_dim", "single_mod_dim",
                     "split_qkv", "train_t5xxl", "t5xxl_learning_rate"}
 
@@ -140,7 +144,7 @@ def test_the_api_schema_lists_the_flux_fields_with_their_family():
     rows = {r["name"]: r for r in schema()}
     flagged = {n for n, r in rows.items() if r["families"]}
     assert flagged == {n for n, p in TrainConfig.params() if p.families}
-    assert FLUX_ONLY_FIELDS | SHARED_FIELDS | SD3_ONLY_FIELDS <= flagged
+    assert FLUX_ONLY_FIELDS | set(FAMILIES_OF) <= flagged
     for name in flagged:
         assert rows[name]["families"] == FAMILIES_OF.get(name, ["flux"]) and rows[name]["group"] == "flow", name
     assert rows["network_rank"]["families"] == [] and rows["train_snr_gamma"]["families"] == []

@@ -8,9 +8,10 @@ import sys
 from trainer.config.schema import TrainConfig
 from trainer.paths import ROOT
 
-FLUX_FIELDS = {"guidance_scale", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type"}
-SHARED_FIELDS = {"clip_l", "t5xxl", "ae", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-                 "t5xxl_max_token_length", "apply_t5_attn_mask"}  # SD3 uses them too
+FLUX_FIELDS = {"guidance_scale", "blocks_to_swap", "fp8_base", "split_qkv", "train_t5xxl"}
+SHARED_FIELDS = {"clip_l", "t5xxl", "ae", "t5xxl_max_token_length", "apply_t5_attn_mask"}  # SD3 uses them too
+ZIMAGE_SHARED = {"timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type"}
+ALL_FLOW = {"weighting_scheme", "logit_mean", "logit_std", "mode_scale"}
 SD3_FIELDS = {"clip_g", "training_shift"}
 
 
@@ -32,9 +33,12 @@ def test_help_marks_the_family_fields_with_their_families():
                           text=True, check=True, timeout=120).stdout
     entries = _entries(text)
     assert set(entries) == {p.key for _, p in TrainConfig.params()}
-    marked = {key for key, body in entries.items() if body.endswith("[FLUX only]")}
+    marked = {key for key, body in entries.items() if body.endswith("[FLUX.1 only]")}
     assert marked == {p.key for _, p in TrainConfig.params() if p.families == ("flux",)} and FLUX_FIELDS <= marked
-    shared = {key for key, body in entries.items() if body.endswith("[FLUX, SD3 only]")}
-    assert shared == SHARED_FIELDS
-    assert {key for key, body in entries.items() if body.endswith("[SD3 only]")} == SD3_FIELDS
-    assert "[FLUX only]" not in entries["network_rank"] and "[FLUX only]" not in entries["model"]
+    assert {key for key, body in entries.items() if body.endswith("[FLUX.1, SD3.5 only]")} == SHARED_FIELDS
+    assert {key for key, body in entries.items() if body.endswith("[FLUX.1, Z-Image only]")} == ZIMAGE_SHARED
+    assert {key for key, body in entries.items() if body.endswith("[FLUX.1, SD3.5, Z-Image only]")} == ALL_FLOW
+    assert {key for key, body in entries.items() if body.endswith("[SD3.5 only]")} == SD3_FIELDS
+    assert " only]" not in entries["network_rank"] and " only]" not in entries["model"]
+    zimage = {key for key, body in entries.items() if body.endswith("[Z-Image only]")}
+    assert zimage == {p.key for _, p in TrainConfig.params() if p.families == ("zimage",)} == {"qwen3", "qwen3_max_token_length"}

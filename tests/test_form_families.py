@@ -19,10 +19,19 @@ from tests.familykit import header_file
 from tests.webuikit import fake_webui
 
 FAMILY = set(form.FAMILY_FIELDS)
-FLUX_ONLY = {n for n in FAMILY if form.PARAMS[n].families == ("flux",)}
-SD3_ONLY = {n for n in FAMILY if form.PARAMS[n].families == ("sd3",)}
-SHARED = {n for n in FAMILY if form.PARAMS[n].families == ("flux", "sd3")}  # FLUX's and SD3's flow options
-FLUX_FIELDS = FLUX_ONLY | SHARED
+
+
+def fields_of(*families: str) -> set[str]:
+    """The family fields used by exactly these families."""
+    return {n for n in FAMILY if set(form.PARAMS[n].families) == set(families)}
+
+
+def shown_for(family: str) -> set[str]:
+    return {n for n in FAMILY if family in form.PARAMS[n].families}
+
+
+FLUX_ONLY, SD3_ONLY, ZIMAGE_ONLY = fields_of("flux"), fields_of("sd3"), fields_of("zimage")
+FLUX_FIELDS = shown_for("flux")
 DEFAULTS = form.form_values(TrainConfig())
 
 
@@ -30,20 +39,23 @@ def of_mode(mode: str) -> set[str]:
     return {n for n, p in form.PARAMS.items() if mode in p.modes}
 
 
-def test_the_family_fields_are_the_flow_options_of_flux_and_sd3():
-    assert FAMILY == set(form.GROUP_FIELDS["flow"]) == FLUX_ONLY | SD3_ONLY | SHARED
-    assert {"guidance_scale", "timestep_sampling", "model_prediction_type"} <= FLUX_ONLY
-    assert {"clip_l", "t5xxl", "ae", "weighting_scheme", "t5xxl_max_token_length", "apply_t5_attn_mask"} == SHARED - {
-        "logit_mean", "logit_std", "mode_scale"}
+def test_the_family_fields_are_the_flow_options_of_flux_sd3_and_zimage():
+    assert FAMILY == set(form.GROUP_FIELDS["flow"]) == FLUX_FIELDS | shown_for("sd3") | shown_for("zimage")
+    assert {"guidance_scale", "blocks_to_swap", "fp8_base", "split_qkv", "train_t5xxl"} <= FLUX_ONLY
+    assert fields_of("flux", "sd3") == {"clip_l", "t5xxl", "ae", "t5xxl_max_token_length", "apply_t5_attn_mask"}
+    assert fields_of("flux", "zimage") == {"timestep_sampling", "sigmoid_scale", "discrete_flow_shift",
+                                           "model_prediction_type"}
+    assert fields_of("flux", "sd3", "zimage") == {"weighting_scheme", "logit_mean", "logit_std", "mode_scale"}
     assert SD3_ONLY == {"clip_g", "training_shift"}
+    assert ZIMAGE_ONLY == {"qwen3", "qwen3_max_token_length"}
     assert not FAMILY & {"network_rank", "train_snr_gamma", "model", "mode"}
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_flux_fields_show_for_a_flux_model_only(mode):
-    assert FAMILY <= of_mode(mode)  # every mode trains FLUX and SD3
-    assert form.visible_fields(mode, "flux", DEFAULTS) == of_mode(mode) - SD3_ONLY
-    assert form.visible_fields(mode, "sd3", DEFAULTS) == of_mode(mode) - FLUX_ONLY
+def test_each_familys_fields_show_for_a_model_of_that_family_only(mode):
+    assert FAMILY <= of_mode(mode)  # every mode trains FLUX, SD3 and Z-Image
+    for family in ("flux", "sd3", "zimage"):
+        assert form.visible_fields(mode, family, DEFAULTS) == of_mode(mode) - (FAMILY - shown_for(family)), family
     for family in ("sd1", "sd2", "sdxl"):
         assert form.visible_fields(mode, family, DEFAULTS) == of_mode(mode) - FAMILY
     assert form.visible_fields(mode, None, DEFAULTS) == of_mode(mode) - FAMILY
@@ -61,31 +73,33 @@ def test_a_flux_preset_shows_them_when_the_family_is_not_known(preset):
 
 
 @pytest.mark.parametrize("change,shown", [
-    ({"sigmoid_scale": "abc"}, True),  # an entry that does not parse is the user's, not the default
+    ({"guidance_scale": "abc"}, True),  # an entry that does not parse is the user's, not the default
     ({"guidance_scale": "1"}, False),  # the default, written another way
     ({"guidance_scale": ""}, False),   # empty means the default
-    ({"discrete_flow_shift": "3.1582"}, False),
+    ({"blocks_to_swap": "0"}, False),
     ({"network_rank": "4", "train_snr_gamma": "0"}, False),  # other fields do not count
 ])
 def test_one_changed_flux_field_shows_them_all(change, shown):
     visible = form.visible_fields("LoRA", None, {**DEFAULTS, **change})
     assert (FLUX_FIELDS <= visible) is shown and (FAMILY & visible == set()) is (not shown)
-    assert not SD3_ONLY & visible  # a FLUX-only field says nothing of SD3
+    assert not (SD3_ONLY | ZIMAGE_ONLY) & visible  # a FLUX-only field says nothing of SD3 or Z-Image
 
 
 @pytest.mark.parametrize("change,families", [
-    ({"t5xxl_max_token_length": "512"}, {"flux", "sd3"}),  # a field both families have shows both sets
+    ({"t5xxl_max_token_length": "512"}, {"flux", "sd3"}),  # a field two families have shows both sets
     ({"clip_l": "clip_l.safetensors"}, {"flux", "sd3"}),
-    ({"apply_t5_attn_mask": True}, {"flux", "sd3"}),
+    ({"discrete_flow_shift": "3"}, {"flux", "zimage"}),
+    ({"logit_std": "1.5"}, {"flux", "sd3", "zimage"}),
     ({"clip_g": "clip_g.safetensors"}, {"sd3"}),
     ({"training_shift": "3"}, {"sd3"}),
+    ({"qwen3": "qwen_3_4b.safetensors"}, {"zimage"}),
+    ({"qwen3_max_token_length": "256"}, {"zimage"}),
 ])
-def test_a_changed_sd3_field_shows_the_sd3_fields(change, families):
+def test_a_changed_field_shows_the_fields_of_its_families(change, families):
     values = {**DEFAULTS, **change}
     assert form.families_in_use(values) == families
     visible = form.visible_fields("LoRA", None, values)
-    assert SD3_ONLY | SHARED <= visible
-    assert (FLUX_ONLY <= visible) is ("flux" in families) and (FLUX_ONLY & visible == set()) is ("flux" not in families)
+    assert visible & FAMILY == set().union(*(shown_for(f) for f in families))
 
 
 def test_every_preset_of_another_family_keeps_them_hidden():

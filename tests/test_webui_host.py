@@ -314,3 +314,29 @@ def test_a_flux_checkpoint_is_read_from_its_files_with_a_message(kind, tmp_path,
             WebUIHost().load_bundle(quick_config(tmp_path, model=info.title, clip_l="/etc/passwd"),
                                     dtype=torch.float32, device=CPU)
         assert err.value.key == "clip_l" and "model folders" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["a1111", "forge"])
+def test_a_loaded_zimage_checkpoint_is_refused_with_the_versions(kind, tmp_path, monkeypatch):
+    """Even while the WebUI holds it (as a host with its own Z-Image support would), a Z-Image
+    checkpoint in an environment whose diffusers cannot build one is refused, naming the versions,
+    before any of the host's weights are touched."""
+    from trainer.families import zimage_load
+
+    from tests.test_zimage_refusal import zimage_header
+
+    path = zimage_header(tmp_path / "models" / "Stable-diffusion" / "z_image_turbo.safetensors")
+    monkeypatch.setattr(zimage_load, "has_zimage", lambda: False)
+    with fake_webui(kind) as w:
+        from trainer.hosts.webui import WebUIHost
+
+        info = w.sd_models.checkpoint_info(path, "z_image_turbo")
+        w.sd_models.checkpoints_list[info.title] = info
+        # a held model: the host would hand over its weights (forge_objects marks a loaded Forge model)
+        w.shared.sd_model = SimpleNamespace(sd_checkpoint_info=info, forge_objects=None)
+        host = WebUIHost()
+        assert host.is_loaded("")
+        monkeypatch.setattr(host, "_from_memory", lambda *a, **k: pytest.fail("the host's weights were used"))
+        with pytest.raises(ConfigError) as err:
+            host.load_bundle(quick_config(tmp_path, model=""), dtype=torch.float32, device=CPU)
+    assert err.value.key == "model" and "diffusers >= 0.36" in str(err.value)

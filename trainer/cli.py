@@ -23,10 +23,12 @@ SECOND_PASS_PREFIX = f"{SECOND_PASS_KEY}."  # --set "2nd pass.train_iterations=2
 
 
 def _describe(name: str, p: Param, default: object) -> str:
+    from .families import LABELS  # the families' own names for them
+
     kind = f"one of {', '.join(p.choices)}" if p.choices else p.kind
     shown = json.dumps(default) if not isinstance(default, str) else repr(default)
     modes = "" if len(p.modes) == 5 else f" [{', '.join(p.modes)}]"
-    modes += f" [{', '.join(f.upper() for f in p.families)} only]" if p.families else ""
+    modes += f" [{', '.join(LABELS.get(f, f) for f in p.families)} only]" if p.families else ""
     return f"  {p.key}\n" + textwrap.fill(f"{p.help} ({kind}; default {shown}){modes}", 78,
                                           initial_indent="      ", subsequent_indent="      ")
 

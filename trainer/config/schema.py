@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Mapping
 
-from .options import OPTION_CLASSES, DataOptions, FlowOptions, FluxNetworkOptions, GridOptions, LossOptions, NetworkOptions, SD3Options, StateOptions
+from .options import (OPTION_CLASSES, DataOptions, FlowOptions, FluxNetworkOptions, GridOptions, LossOptions,
+                      NetworkOptions, SD3Options, StateOptions, ZImageOptions)
 from .params import BLOCK_IDS, MODES, ConfigError, Param, coerce, export, param
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ _PASS1_ONLY = frozenset({
 
 @dataclass
 class TrainConfig(NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions,
-                  FluxNetworkOptions, SD3Options):
+                  FluxNetworkOptions, SD3Options, ZImageOptions):
     """Every setting of one training job, with its TrainTrain default (options/ adds the rest)."""
 
     mode: str = param("choice", "LoRA", "Mode", "What to train: LoRA from images, iLECO from prompts, Difference/ADDifT from image pairs.", choices=MODES, section=REQ)

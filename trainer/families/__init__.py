@@ -17,12 +17,19 @@ from .sd1 import SD1
 from .sd2 import SD2
 from .sd3 import SD3
 from .sdxl import SDXL
+from .zimage import ZImage
+from .zimage_load import has_zimage
 
 # Families that are not SD U-Nets are asked first (their keys are unambiguous); the SD U-Nets
 # are told apart by checkpoint.detect_unet_family.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3())}
+# Z-Image is offered only where diffusers has its transformer (>= 0.36); elsewhere its files are refused.
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3(), *((ZImage(),) if has_zimage() else ()))}
 
-__all__ = ["FAMILIES", "Family", "detect_family", "family_names", "file_family", "get_family"]
+# Every family's label, offered here or not (help texts name the families a setting is for).
+LABELS: dict[str, str] = {cls.name: cls.label for cls in (SD1, SD2, SDXL, Flux, SD3, ZImage)}
+
+__all__ = ["FAMILIES", "LABELS", "Family", "detect_family", "family_names", "file_family", "get_family"]
 
 
 def family_names() -> tuple[str, ...]:
@@ -67,6 +74,8 @@ def file_family(path: str | Path) -> str | None:
                 return "flux"
             if kind.startswith("StableDiffusion3"):
                 return "sd3"
+            if kind.startswith("ZImage"):
+                return "zimage" if "zimage" in FAMILIES else None
             if "XL" in kind:
                 return "sdxl"
             return None

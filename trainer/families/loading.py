@@ -172,6 +172,12 @@ def load_model(path: str | Path, *, vae: str | Path | None = None, v_pred: bool 
     """
     path = Path(path)
     device = device or torch.device("cpu")
+    from .zimage_load import is_zimage_model, load_zimage_files, load_zimage_folder
+
+    if is_zimage_model(path):  # refused with the versions where diffusers has no Z-Image
+        if path.is_dir():
+            return load_zimage_folder(path, dtype=dtype, device=device)
+        return load_zimage_files(path, (components or {}).get("qwen3"), vae, dtype=dtype, device=device)
     if _flux_model(path):
         from .flux_files import load_flux_diffusers, load_flux_files
 

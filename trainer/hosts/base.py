@@ -123,7 +123,7 @@ class StandaloneHost:
         path = find_model(cfg.model, self.model_dirs).resolve()
         vae = find_model(cfg.vae, self.vae_dirs, "vae").resolve() if cfg.vae else None
         parts = {role: str(find_model(getattr(cfg, role), self.model_dirs + self.vae_dirs, role).resolve())
-                 for role in ("clip_l", "clip_g", "t5xxl", "ae") if getattr(cfg, role)}
+                 for role in ("clip_l", "clip_g", "t5xxl", "ae", "qwen3") if getattr(cfg, role)}
         v_pred = True if cfg.model_v_pred else None
         # fp8 base weights change the loaded model, so such a model serves fp8 jobs only
         key = (str(path), str(vae), str(dtype), v_pred, tuple(sorted(parts.items())), bool(cfg.fp8_base))

@@ -165,7 +165,7 @@ class WebUIHost:
     COMPONENT_DIRS = ("text_encoder", "clip", "VAE", "vae", "Stable-diffusion")
 
     def _from_files(self, cfg: TrainConfig, dtype: torch.dtype) -> ModelBundle | None:
-        """A checkpoint of a family the host cannot hand over (FLUX, SD3) is read from its files:
+        """A checkpoint of a family the host cannot hand over (FLUX, SD3, Z-Image) is read from its files:
         A1111 cannot hold FLUX and keeps SD3 in its own modules; Forge holds both for inference
         (fp8/nf4/gguf storage under inference mode), which cannot be trained in place."""
         from ..families import file_family, get_family
@@ -175,10 +175,16 @@ class WebUIHost:
         filename = getattr(info, "filename", "") if info is not None else ""
         path = Path(filename) if filename else self.checkpoint_path(cfg.model)
         family = file_family(path)
-        if family is None or get_family(family).host_weights:
+        if family is None:
+            from ..families.zimage_load import is_zimage_model, require_zimage
+
+            if is_zimage_model(path):
+                require_zimage(path)  # a Z-Image file where diffusers cannot build one: say which version
+            return None
+        if get_family(family).host_weights:
             return None
         parts = {role: str(self._component(role, getattr(cfg, role)))
-                 for role in ("clip_l", "clip_g", "t5xxl", "ae") if getattr(cfg, role)}
+                 for role in ("clip_l", "clip_g", "t5xxl", "ae", "qwen3") if getattr(cfg, role)}
         bundle = load_model(path, dtype=dtype, device=torch.device("cpu"), components=parts,
                             tokenizer_extra=tuple(self._t5_tokenizer_places()))
         label = get_family(family).label

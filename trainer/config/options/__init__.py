@@ -14,8 +14,10 @@ from .loss import LossOptions
 from .network import NetworkOptions
 from .sd3 import SD3Options
 from .state import StateOptions
+from .zimage import ZImageOptions
 
-OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions, FluxNetworkOptions, SD3Options)
+OPTION_CLASSES = (NetworkOptions, LossOptions, DataOptions, StateOptions, GridOptions, FlowOptions, FluxNetworkOptions,
+                  SD3Options, ZImageOptions)
 
 __all__ = ["OPTION_CLASSES", "NetworkOptions", "LossOptions", "DataOptions", "StateOptions", "GridOptions",
-           "FlowOptions", "FluxNetworkOptions", "SD3Options"]
+           "FlowOptions", "FluxNetworkOptions", "SD3Options", "ZImageOptions"]
