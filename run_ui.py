@@ -1,9 +1,9 @@
 """Install what is missing and start the standalone UI:  python3 run_ui.py [--models DIR] [--port N]
 
-On first use it builds a virtual environment with torch 2.13.0 and a known-good set of
-libraries (the Forge host's pins: gradio 4.40, diffusers 0.31, transformers 4.46), runs
-install.py in it, and then starts `python -m trainer.ui` with the arguments given here.
-Later runs reuse the environment. With no model in --models (default ./models) the UI
+On first use it builds a virtual environment with torch 2.13.0 and a current stack (the
+`latest` test profile, requirements/profile-latest.txt: gradio 5, diffusers 0.42 with Z-Image,
+transformers 5 with Qwen3), runs install.py in it, and then starts `python -m trainer.ui`
+with the arguments given here. Later runs reuse the environment. With no model in --models (default ./models) the UI
 offers the built-in demo model and images. `--no-venv` starts the UI in the current
 Python instead, for an environment that already has torch and gradio. Ctrl+C stops it.
 
@@ -21,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 HEARTBEAT_S = 15.0
+# The test profile whose environment the app runs in: one requirements file for both, so the
+# stack the tests pass on is the stack the app installs (requirements/profile-latest.txt).
+PROFILE = "latest"
 
 
 def last_line(log: Path) -> str:
@@ -59,11 +62,11 @@ class Heartbeat:
 
 
 def prepare_env() -> Path:
-    """The Forge-profile environment, built on first use with a line per stage."""
+    """The app's environment (the PROFILE test profile), built on first use with a line per stage."""
     sys.path.insert(0, str(ROOT))
     from tests.run_profiles import MARKER, PROFILES, fingerprint, prepare, venvs_dir  # the one environment builder
 
-    profile = PROFILES["forge"]
+    profile = PROFILES[PROFILE]
     venv = venvs_dir() / f"{profile.name}-{fingerprint(profile)}"
     log = venv / "setup.log"
     if (venv / MARKER).is_file():

@@ -1,5 +1,5 @@
 """Helpers for the browser tests: the standalone demo app in a subprocess and gradio's widgets in
-Debian's chromium through Playwright (gradio 3.41 and 4.40 both)."""
+Debian's chromium through Playwright (gradio 3.41, 4.40 and 5.x)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Run the test suite in one virtual environment per host profile: a1111, forge, latest.
+"""Run the test suite in one virtual environment per host profile: a1111, forge, latest, neo.
 
     python3 tests/run_profiles.py [PROFILE ...] [-- PYTEST ARGS]
 
@@ -51,7 +51,7 @@ class Profile:
 PROFILES = {
     "a1111": Profile("a1111", ("-m", "not needs_peft and not needs_zimage"), ("peft",)),
     "forge": Profile("forge", ("-m", "not needs_zimage"), ()),
-    "latest": Profile("latest", ("-m", "not ui"), (), ui=False),
+    "latest": Profile("latest", (), ()),  # also the standalone app's stack (run_ui.py): gradio 5
     "neo": Profile("neo", ("-m", "not ui and not slow and not needs_zimage"), (), ui=False),  # core subset: keeps CI short
 }
 
@@ -159,17 +159,23 @@ def build(profile: Profile, venv: Path) -> None:
         run_logged([*pip, "-c", str(frozen), "-r", str(req)], log)
 
 
+def profile_pins(profile: Profile) -> list[tuple[str, str]]:
+    """[(canonical name, version spec or '')] of requirements/profile-<name>.txt."""
+    pins = []
+    for line in (REQ / f"profile-{profile.name}.txt").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$", line.split("#")[0].strip())
+        if match:
+            pins.append((install.canonical(match.group(1)), match.group(2).strip()))
+    return pins
+
+
 def check_pins(profile: Profile, venv: Path) -> None:
     """Nothing the host had moved; every pin of the profile file holds; forbidden packages are absent."""
     now, host = freeze(venv / "bin" / "python"), read_freeze(venv / "host-freeze.txt")
     problems = [f"{n}: {v} -> {now.get(n, 'removed')}" for n, v in sorted(host.items()) if now.get(n) != v]
-    for line in (REQ / f"profile-{profile.name}.txt").read_text(encoding="utf-8").splitlines():
-        line = line.split("#")[0].strip()
-        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$", line)
-        if match:
-            name, spec = install.canonical(match.group(1)), match.group(2)
-            if name not in now or (spec and not install.satisfies(now[name], spec)):
-                problems.append(f"{name}: {now.get(name, 'missing')} does not satisfy the pin {spec!r}")
+    for name, spec in profile_pins(profile):
+        if name not in now or (spec and not install.satisfies(now[name], spec)):
+            problems.append(f"{name}: {now.get(name, 'missing')} does not satisfy the pin {spec!r}")
     problems += [f"{name} is installed ({now[name]}) but must not be" for name in profile.forbid if name in now]
     if problems:
         raise SetupError("host pins moved:\n    " + "\n    ".join(problems))

@@ -1,7 +1,8 @@
-"""The few places where gradio 3.41 (A1111) and 4.x (Forge, standalone) differ.
+"""The few places where gradio 3.41 (A1111), 4.x (Forge) and 5.x (the standalone app) differ.
 
-Everything else in the UI is written against what both lines share; these helpers
-pass an argument only where the running gradio accepts it.
+Everything else in the UI is written against what the three lines share; these helpers
+pass an argument only where the running gradio accepts it. Where this file says "4.x",
+5.x behaves the same (gr.Timer, `js`, default_concurrency_limit, strict Dropdown values).
 """
 from __future__ import annotations
 
