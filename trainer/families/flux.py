@@ -14,7 +14,7 @@ import torch
 
 from ..config.params import ConfigError
 from . import flow
-from .base import Family
+from .flowbase import FlowFamily, flow_options
 from .flux_net import FluxNetworkHooks
 
 if TYPE_CHECKING:
@@ -48,40 +48,7 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype)
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-def flow_options(cfg: Any) -> flow.FlowOptions:
-    """The job's flow-matching settings; a bad value names its preset key."""
-    try:
-        return flow.FlowOptions(timestep_sampling=cfg.timestep_sampling, sigmoid_scale=cfg.sigmoid_scale,
-                                discrete_flow_shift=cfg.discrete_flow_shift, weighting_scheme=cfg.weighting_scheme,
-                                logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
-                                model_prediction_type=cfg.model_prediction_type)
-    except ValueError as exc:
-        key = str(exc).split(":", 1)[0]
-        raise ConfigError(key, getattr(cfg, key, None), str(exc).split(":", 1)[-1].strip()) from None
-
-
-class FlowLoss:
-    """The flow-matching loss: elementwise loss per sample (Huber at a constant c), times the
-    weighting sigma_scaled asks for; called as loss(pred, target, sigma, mask)."""
-
-    def __init__(self, kind: str, c: float, opts: flow.FlowOptions) -> None:
-        from ..training.losses import HUBER_KINDS, check_kind
-
-        self.kind, self.opts = check_kind(kind), opts
-        self.c = float(c) if self.kind in HUBER_KINDS else None
-
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..training.losses import per_sample_loss
-
-        per_c = None if self.c is None else torch.full((pred.shape[0],), self.c, device=pred.device)
-        per_sample = per_sample_loss(pred, target, self.kind, mask, per_c)
-        if self.opts.model_prediction_type == "sigma_scaled":
-            per_sample = per_sample * flow.loss_weighting(self.opts.weighting_scheme, timesteps).to(per_sample.device)
-        return per_sample.mean(), per_sample.detach()
-
-
-class Flux(FluxNetworkHooks, Family):
+class Flux(FluxNetworkHooks, FlowFamily):
     name = "flux"
     label = "FLUX.1"
     text_encoder_count = 2
@@ -120,31 +87,16 @@ class Flux(FluxNetworkHooks, Family):
 
     # settings ---------------------------------------------------------------------------------
     def check(self, cfg: Any) -> list[str]:
-        """DDPM-only settings: explicit ones are refused; min-SNR (on in TrainTrain's defaults) is left
-        out with a message."""
-        flow_schedule = f"applies to DDPM-schedule models; {self.label} trains with a flow schedule"
-        refused = (("train_debiased_estimation", cfg.train_debiased_estimation, cfg.train_debiased_estimation),
-                   ("zero_terminal_snr", cfg.zero_terminal_snr, cfg.zero_terminal_snr),
-                   ("model_v_pred", cfg.model_v_pred, cfg.model_v_pred))
-        for key, value, bad in refused:
-            if bad:
-                raise ConfigError(key, value, f"{flow_schedule} (see timestep_sampling and weighting_scheme)")
-        from ..training.losses import HUBER_KINDS
-
-        if cfg.train_loss_function in HUBER_KINDS and cfg.huber_schedule != "constant":
-            raise ConfigError("huber_schedule", cfg.huber_schedule,
-                              f"{self.label} takes a constant Huber c (huber_schedule constant)")
-        flow_options(cfg)
+        """The flow families' checks, then FLUX's own: swap only without text-encoder training, and a
+        T5 LoRA only with it."""
+        notes = self.check_flow(cfg)
         if cfg.blocks_to_swap and cfg.trains_text_encoder:
             raise ConfigError("blocks_to_swap", cfg.blocks_to_swap, "works with the transformer's network only; "
                                                                    "turn text-encoder training off (BASE)")
         if cfg.train_t5xxl and not cfg.trains_text_encoder:
             raise ConfigError("train_t5xxl", True, "trains T5-XXL with the text encoders: select BASE in "
                                                   "network_blocks and keep the text-encoder rate above 0")
-        if cfg.train_snr_gamma > 0:
-            return [f"train_snr_gamma {cfg.train_snr_gamma:g} {flow_schedule}; this job trains without it "
-                    "(weighting_scheme sets the flow weighting)"]
-        return []
+        return notes
 
     def prepare(self, bundle: ModelBundle, cfg: Any, device: torch.device) -> None:
         length = int(cfg.t5xxl_max_token_length) or (512 if self.is_dev(bundle) else 256)
@@ -208,24 +160,6 @@ class Flux(FluxNetworkHooks, Family):
         return Cond(hidden, pooled.to(hidden.device))
 
     # the objective --------------------------------------------------------------------------------
-    def sample_timesteps(self, cfg: Any, batch: int, latent_shape: tuple[int, ...], *,
-                         generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-        """σ per sample (FLUX takes σ itself as its timestep)."""
-        opts = flow_options(cfg)
-        tokens = flow.flux_image_tokens(int(latent_shape[-2]), int(latent_shape[-1]))
-        return flow.sample_sigmas(opts, batch, image_tokens=tokens, generator=generator, device=device)
-
-    def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
-                    timesteps: torch.Tensor) -> torch.Tensor:
-        return flow.noisy_input(latents, noise, timesteps)
-
-    def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-               v_pred: bool) -> torch.Tensor:
-        return flow.flow_target(latents, noise)
-
-    def make_loss(self, cfg: Any, scheduler: Any, *, v_pred: bool, device: torch.device) -> FlowLoss:
-        return FlowLoss(cfg.train_loss_function, cfg.huber_c, flow_options(cfg))
-
     def denoise(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
                 time_ids: torch.Tensor | None, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Pack, run the transformer, unpack, then the model_prediction_type transform."""

@@ -15,8 +15,7 @@ import torch
 
 from ..config.params import ConfigError
 from . import flow
-from .base import Family
-from .flux import FlowLoss
+from .flowbase import FlowFamily
 from .sd3_net import SD3NetworkHooks
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ def sd3_flow_options(cfg: Any) -> flow.FlowOptions:
         raise ConfigError(key, getattr(cfg, key, None), str(exc).split(":", 1)[-1].strip()) from None
 
 
-class SD3(SD3NetworkHooks, Family):
+class SD3(SD3NetworkHooks, FlowFamily):
     name = "sd3"
     label = "SD3.5"
     text_encoder_count = 3
@@ -83,30 +82,23 @@ class SD3(SD3NetworkHooks, Family):
         return meta
 
     # settings ---------------------------------------------------------------------------------
+    see_also = "weighting_scheme and training_shift"
+
+    def flow_options(self, cfg: Any) -> flow.FlowOptions:
+        return sd3_flow_options(cfg)
+
     def check(self, cfg: Any) -> list[str]:
-        """DDPM-only and FLUX-only settings are refused; min-SNR is left out with a message."""
-        flow_schedule = f"applies to DDPM-schedule models; {self.label} trains with a flow schedule"
-        for key in ("train_debiased_estimation", "zero_terminal_snr", "model_v_pred"):
-            if getattr(cfg, key):
-                raise ConfigError(key, getattr(cfg, key), f"{flow_schedule} (see weighting_scheme and training_shift)")
+        """The flow families' checks; FLUX-only settings are refused, training_shift must be positive."""
+        notes = self.check_flow(cfg)
         for key in FLUX_ONLY:
             if getattr(cfg, key):
                 raise ConfigError(key, getattr(cfg, key), f"applies to FLUX.1 only, not {self.label}")
-        from ..training.losses import HUBER_KINDS
-
-        if cfg.train_loss_function in HUBER_KINDS and cfg.huber_schedule != "constant":
-            raise ConfigError("huber_schedule", cfg.huber_schedule,
-                              f"{self.label} takes a constant Huber c (huber_schedule constant)")
-        sd3_flow_options(cfg)
         if not isinstance(cfg.training_shift, (int, float)) or not cfg.training_shift > 0:
             raise ConfigError("training_shift", cfg.training_shift, "must be a positive number")
         if cfg.train_t5xxl and not cfg.trains_text_encoder:
             raise ConfigError("train_t5xxl", True, "trains T5-XXL with the text encoders: select BASE in "
                                                   "network_blocks and keep the text-encoder rate above 0")
-        if cfg.train_snr_gamma > 0:
-            return [f"train_snr_gamma {cfg.train_snr_gamma:g} {flow_schedule}; this job trains without it "
-                    "(weighting_scheme sets the flow weighting)"]
-        return []
+        return notes
 
     def prepare(self, bundle: ModelBundle, cfg: Any, device: torch.device) -> None:
         bundle.extra["sd3"] = {"flow": sd3_flow_options(cfg), "shift": float(cfg.training_shift),
@@ -158,17 +150,9 @@ class SD3(SD3NetworkHooks, Family):
         return flow.sd3_sample_sigmas(sd3_flow_options(cfg), batch, training_shift=float(cfg.training_shift),
                                       generator=generator, device=device)
 
-    def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
-                    timesteps: torch.Tensor) -> torch.Tensor:
-        return flow.noisy_input(latents, noise, timesteps)
-
     def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                v_pred: bool) -> torch.Tensor:
         return flow.sd3_target(latents, noise)
-
-    def make_loss(self, cfg: Any, scheduler: Any, *, v_pred: bool, device: torch.device) -> FlowLoss:
-        """Per-sample loss times loss_weighting(weighting_scheme, σ) (FlowLoss with sigma_scaled)."""
-        return FlowLoss(cfg.train_loss_function, cfg.huber_c, sd3_flow_options(cfg))
 
     def denoise(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
                 time_ids: torch.Tensor | None, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -22,8 +22,7 @@ import torch
 
 from ..config.params import ConfigError
 from . import flow
-from .base import Family
-from .flux import FlowLoss, flow_options
+from .flowbase import FlowFamily, flow_options
 from .zimage_keys import BLOCK_LISTS, from_file, layout, to_file
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ def caption_list(cond: Cond, dtype: torch.dtype | None = None, device: torch.dev
     return [cond.hidden[i][mask[i].to(cond.hidden.device)].to(device=device, dtype=dtype) for i in range(len(cond))]
 
 
-class ZImage(Family):
+class ZImage(FlowFamily):
     name = "zimage"
     label = "Z-Image"
     text_encoder_count = 1
@@ -84,22 +83,10 @@ class ZImage(Family):
 
     # settings ---------------------------------------------------------------------------------
     def check(self, cfg: Any) -> list[str]:
-        """DDPM-only settings are refused; min-SNR is left out with a message, as is a Qwen3 LoRA."""
-        flow_schedule = f"applies to DDPM-schedule models; {self.label} trains with a flow schedule"
-        for key in ("train_debiased_estimation", "zero_terminal_snr", "model_v_pred"):
-            if getattr(cfg, key):
-                raise ConfigError(key, getattr(cfg, key), f"{flow_schedule} (see timestep_sampling and weighting_scheme)")
-        from ..training.losses import HUBER_KINDS
-
-        if cfg.train_loss_function in HUBER_KINDS and cfg.huber_schedule != "constant":
-            raise ConfigError("huber_schedule", cfg.huber_schedule, f"{self.label} takes a constant Huber c (huber_schedule constant)")
-        flow_options(cfg)
+        """The flow families' checks; min-SNR is left out with a message, as is a Qwen3 LoRA."""
+        notes = self.check_flow(cfg)
         if int(cfg.qwen3_max_token_length) < 1:
             raise ConfigError("qwen3_max_token_length", cfg.qwen3_max_token_length, "must be at least 1")
-        notes = []
-        if cfg.train_snr_gamma > 0:
-            notes.append(f"train_snr_gamma {cfg.train_snr_gamma:g} {flow_schedule}; this job trains without it "
-                         "(weighting_scheme sets the flow weighting)")
         if cfg.trains_text_encoder:
             notes.append(f"{self.label}: the network covers the transformer; its Qwen3 text encoder is not trained")
         return notes
@@ -127,23 +114,6 @@ class ZImage(Family):
         return Cond(hidden, mask.to(hidden.dtype))
 
     # the objective ------------------------------------------------------------------------------------
-    def sample_timesteps(self, cfg: Any, batch: int, latent_shape: tuple[int, ...], *,
-                         generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-        """σ per sample, drawn as for FLUX (the transformer's own t is 1 − σ, see `model_timestep`)."""
-        tokens = flow.flux_image_tokens(int(latent_shape[-2]), int(latent_shape[-1]))  # 2×2 patches, as FLUX
-        return flow.sample_sigmas(flow_options(cfg), batch, image_tokens=tokens, generator=generator, device=device)
-
-    def noisy_input(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
-                    timesteps: torch.Tensor) -> torch.Tensor:
-        return flow.noisy_input(latents, noise, timesteps)
-
-    def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-               v_pred: bool) -> torch.Tensor:
-        return flow.flow_target(latents, noise)
-
-    def make_loss(self, cfg: Any, scheduler: Any, *, v_pred: bool, device: torch.device) -> FlowLoss:
-        return FlowLoss(cfg.train_loss_function, cfg.huber_c, flow_options(cfg))
-
     def denoise(self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
                 time_ids: torch.Tensor | None, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The transformer on [C, 1, H, W] frames at t = 1 − σ; its output negated is the velocity."""
