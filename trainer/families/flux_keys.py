@@ -35,7 +35,7 @@ names, read by ComfyUI and Forge), whatever prefix the network used.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -140,41 +140,46 @@ def _te_file_name(name: str) -> str:
 
 def to_file(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The network's state dict (diffusers names) in the FLUX.1 file layout (see module doc)."""
+    return fused_to_file(sd, place=bfl_place, te_name=_te_file_name, label="FLUX.1",
+                         swapped=lambda file_name, group: file_name.endswith(_SWAPPED))
+
+
+def fused_to_file(sd: Mapping[str, torch.Tensor], *, place: Callable[[str], tuple[str, int, int]],
+                  te_name: Callable[[str], str], swapped: Callable[[str, dict], bool],
+                  label: str) -> dict[str, torch.Tensor]:
+    """A transformer network's state dict in an original-model file layout (FLUX.1's BFL, SD3's SAI):
+    `place` gives a module's (file module, part, parts), `te_name` a text-encoder module's file
+    name, `swapped` which single modules hold [shift, scale] where diffusers has [scale, shift].
+    A network with any other algorithm than plain LoRA keeps diffusers paths (UNFUSED_PREFIX)."""
     groups = _groups(sd)
     out: Groups = {}
     unet = {n: g for n, g in groups.items() if n.startswith("lora_unet_")}
     for name, group in groups.items():
         if name.startswith(("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")):
-            out[_te_file_name(name)] = dict(group)
+            out[te_name(name)] = dict(group)
         elif name not in unet:
-            raise ValueError(f"{name}: not a FLUX.1 network module (lora_unet_ or lora_te*_)")
-    if all(_is_plain_lora(g) for g in unet.values()):
-        out.update(_unet_to_bfl(unet))
-    else:
+            raise ValueError(f"{name}: not a {label} network module (lora_unet_ or lora_te*_)")
+    if not all(_is_plain_lora(g) for g in unet.values()):
         for name, group in unet.items():
-            bfl_place(name)  # refuse names that consumers could not map
+            place(name)  # refuse names that consumers could not map
             out[UNFUSED_PREFIX + name[len("lora_unet_"):]] = dict(group)
-    return _flat(out)
-
-
-def _unet_to_bfl(unet: Groups) -> Groups:
+        return _flat(out)
     by_file: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     counts: dict[str, int] = {}
     for name, group in unet.items():
-        file_name, part, parts = bfl_place(name)
+        file_name, part, parts = place(name)
         by_file.setdefault(file_name, {})[part] = group
         counts[file_name] = parts
-    out: Groups = {}
     for file_name, parts in by_file.items():
         if counts[file_name] > 1:
             shared = shared_down(parts, counts[file_name])
             out[file_name] = shared if shared is not None else fuse(file_name, parts, counts[file_name])
-        else:
-            group = dict(parts[0])
-            if file_name.endswith(_SWAPPED):
-                group["lora_up.weight"] = _swap_halves(group["lora_up.weight"])
-            out[file_name] = group
-    return out
+            continue
+        group = dict(parts[0])
+        if swapped(file_name, group):
+            group["lora_up.weight"] = _swap_halves(group["lora_up.weight"])
+        out[file_name] = group
+    return _flat(out)
 
 
 def from_file(sd: Mapping[str, torch.Tensor],

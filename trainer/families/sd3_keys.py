@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .flux_keys import _flat, _groups, _is_plain_lora, fuse, shared_down, split
+from .flux_keys import _flat, _groups, _is_plain_lora, _swap_halves, fused_to_file, split
 
 UNFUSED_PREFIX = "lora_transformer_"
 TE_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te3_")
@@ -67,10 +67,6 @@ def members(file_name: str) -> list[str]:
     return [f"lora_unet_transformer_blocks_{m[1]}_{sub}" for _, sub in found]
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t[t.shape[0] // 2:], t[:t.shape[0] // 2]], dim=0)
-
-
 def _pre_only_modulation(file_name: str, group: Mapping[str, torch.Tensor]) -> bool:
     """The last block's context modulation: 2 × width outputs (shift, scale) where the others have 6."""
     if not file_name.endswith(_CONTEXT_MOD) or "lora_up.weight" not in group:
@@ -80,41 +76,8 @@ def _pre_only_modulation(file_name: str, group: Mapping[str, torch.Tensor]) -> b
 
 def to_file(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The network's state dict (diffusers names) in the SD3 file layout (see module doc)."""
-    groups = _groups(sd)
-    out: Groups = {}
-    unet = {n: g for n, g in groups.items() if n.startswith("lora_unet_")}
-    for name, group in groups.items():
-        if name.startswith(TE_PREFIXES):
-            out[name] = dict(group)
-        elif name not in unet:
-            raise ValueError(f"{name}: not an SD3 network module (lora_unet_, lora_te1_, lora_te2_ or lora_te3_)")
-    if all(_is_plain_lora(g) for g in unet.values()):
-        out.update(_unet_to_sai(unet))
-    else:
-        for name, group in unet.items():
-            sai_place(name)  # refuse names that consumers could not map
-            out[UNFUSED_PREFIX + name[len("lora_unet_"):]] = dict(group)
-    return _flat(out)
-
-
-def _unet_to_sai(unet: Groups) -> Groups:
-    by_file: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    counts: dict[str, int] = {}
-    for name, group in unet.items():
-        file_name, part, parts = sai_place(name)
-        by_file.setdefault(file_name, {})[part] = group
-        counts[file_name] = parts
-    out: Groups = {}
-    for file_name, parts in by_file.items():
-        if counts[file_name] > 1:
-            shared = shared_down(parts, counts[file_name])
-            out[file_name] = shared if shared is not None else fuse(file_name, parts, counts[file_name])
-            continue
-        group = dict(parts[0])
-        if _pre_only_modulation(file_name, group):
-            group["lora_up.weight"] = _swap_halves(group["lora_up.weight"])
-        out[file_name] = group
-    return out
+    return fused_to_file(sd, place=sai_place, te_name=lambda name: name, swapped=_pre_only_modulation,
+                         label="SD3")
 
 
 def from_file(sd: Mapping[str, torch.Tensor],
