@@ -3,8 +3,8 @@
 Each of them times the engine's LoRA job (lierla rank 16 / alpha 8, batch 1, fp32, AdamW) on a
 random transformer built in code against a bare loop doing the same math, interleaved as
 bench/step.py does. A bench subclasses `FamilyBench` with its model, job and bare step's loss,
-and its `main` is `run_family_bench(its class, parse_args(...))`: the options, the table row and
-the JSON line's common keys come from here, so the three stay alike.
+and takes its `parse_args` and `main` from `entry_points`: the options, the table row and the
+JSON line's common keys come from here, so the three stay alike.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from lycoris.logging import logger as lycoris_logger
 from bench import bare
 from bench.common import LEARNING_RATE, SEED, environment, load_average, make_images, n_params
 from bench.step import Bench, bench_algo, pick_threads
-from trainer.config.schema import TrainConfig
+from trainer.config.schema import BLOCK_IDS, TrainConfig
 from trainer.families.bundle import ModelBundle
 from trainer.families.textenc import encode_prompts
 
@@ -38,8 +38,11 @@ class FamilyBench(Bench):
     """bench/step.py's Bench with a family's model, job and bare loop (bench_algo drives both).
 
     A subclass sets `label` (the table row, folder and LoRA names), `title` (for errors), `model`
-    (the JSON's "model"), `sizes` and `family_cls` (the family class, for its prepare), and defines
-    `make_bundle`, `make_config`, `take_conditioning`, `step_loss`, `describe` and `fields`.
+    (the JSON's "model"), `sizes`, `family_cls` (the family class, for its prepare), `heading` (the
+    model part of the first line, formatted with the size's, `fields`' and the counts' keys),
+    `size_help` (what --size bench is), and `make_bundle(size)`, `make_config(data, steps, name, size)`
+    and `loss_fn(transformer, latents, *inputs)` (the bare step's loss) as static methods; it defines
+    `bare_inputs` and `fields`.
     """
 
     label: str
@@ -47,6 +50,11 @@ class FamilyBench(Bench):
     model: str
     sizes: dict[str, dict]
     family_cls: type
+    heading: str
+    size_help: str
+    make_bundle: Callable[[dict], ModelBundle]
+    make_config: Callable[[Path, int, str, dict], TrainConfig]
+    loss_fn: Callable[..., Callable[[torch.Generator], torch.Tensor]]
 
     def __init__(self, args: argparse.Namespace, work: Path):
         self.args, self.work = args, work
@@ -63,29 +71,20 @@ class FamilyBench(Bench):
         # the family's prepare sets the text length the cached prompt is encoded at
         self.family_cls().prepare(self.bundle, self.cfg("lierla", 1), torch.device("cpu"))
         with torch.no_grad():
-            self.take_conditioning(encode_prompts(self.bundle, [PROMPT]))
+            self.inputs = self.bare_inputs(encode_prompts(self.bundle, [PROMPT]))
 
-    def make_bundle(self, size: dict) -> ModelBundle:
-        raise NotImplementedError
-
-    def make_config(self, data: Path, steps: int, name: str, size: dict) -> TrainConfig:
-        raise NotImplementedError
-
-    def take_conditioning(self, cond) -> None:
-        """Keep what the bare step needs of the prompt's encoding (detached)."""
-        raise NotImplementedError
-
-    def step_loss(self, unet: torch.nn.Module) -> Callable[[torch.Generator], torch.Tensor]:
-        """The bare step's loss on `unet` (a copy with the deltas) from the cached latents and prompt."""
-        raise NotImplementedError
-
-    def describe(self, model_params: int, tokens: int) -> str:
-        """The heading's model part: sizes and token counts."""
+    def bare_inputs(self, cond) -> tuple:
+        """What the bare step's loss takes of the prompt's encoding, after the latents (detached)."""
         raise NotImplementedError
 
     def fields(self) -> tuple[dict, dict]:
         """The JSON's family keys: those before "heads" (depth) and those after "image_tokens"."""
         raise NotImplementedError
+
+    def describe(self, model_params: int, tokens: int) -> str:
+        """The first line's model part: `heading` filled in."""
+        depth, after = self.fields()
+        return self.heading.format(**{**self.size, **depth, **after}, params=model_params, image_tokens=tokens)
 
     def cfg(self, algo: str, steps: int, mode: str = "LoRA") -> TrainConfig:
         if algo != "lierla" or mode != "LoRA":
@@ -100,7 +99,33 @@ class FamilyBench(Bench):
 
     def bare_segment(self, unet, deltas, steps: int, seed: int, mode: str = "LoRA"):
         """The family's LoRA step by hand, fresh noise and σ each step, AdamW on the deltas; (wall, cpu) s per step."""
-        return bare._timed_loop(unet, deltas, steps, LEARNING_RATE, seed, self.step_loss(unet))
+        step_loss = self.loss_fn(unet, self.latents, *self.inputs)
+        return bare._timed_loop(unet, deltas, steps, LEARNING_RATE, seed, step_loss)
+
+
+def lierla_job(data: Path, steps: int, name: str, size: dict) -> dict:
+    """TrainConfig's common keys: LoRA mode, lierla rank 16 / alpha 8, BASE off (cached captions), fp32,
+    AdamW at a constant LR, batch 1, no min-SNR (a DDPM weighting)."""
+    px = size["pixels"]
+    return dict(
+        mode="LoRA", network_type="lierla", save_lora_name=name, lora_data_directory=str(data),
+        image_size=[px, px], image_buckets_step=64, image_min_length=px, image_max_ratio=2.0,
+        train_iterations=steps, train_batch_size=1, train_learning_rate=LEARNING_RATE,
+        train_optimizer="AdamW", train_lr_scheduler="constant", network_rank=RANK, network_alpha=ALPHA,
+        train_model_precision="fp32", train_lora_precision="fp32", save_precision="fp32",
+        train_seed=SEED, use_gradient_checkpointing=False, train_snr_gamma=0.0,
+        network_blocks=[b for b in BLOCK_IDS if b != "BASE"])
+
+
+def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow models' timestep shift of t in (0, 1): shift·t / (1 + (shift − 1)·t)."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The flow models' noisy input (1 − σ)·x0 + σ·noise, one σ per image."""
+    sv = sigma.view(-1, 1, 1, 1)
+    return (1.0 - sv) * latents + sv * noise
 
 
 def parse_args(doc: str, sizes: dict, size_help: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,3 +198,15 @@ def run_family_bench(bench_cls: type[FamilyBench], args: argparse.Namespace) -> 
                    wall_s=round(time.perf_counter() - started, 1))
     print(json.dumps(summary))
     return summary
+
+
+def entry_points(bench_cls: type[FamilyBench], doc: str) -> tuple[Callable, Callable]:
+    """A bench module's `parse_args(argv)` and `main(argv)`; `doc` is the module's docstring."""
+
+    def bench_parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+        return parse_args(doc, bench_cls.sizes, bench_cls.size_help, argv)
+
+    def bench_main(argv: list[str] | None = None) -> dict:
+        return run_family_bench(bench_cls, bench_parse_args(argv))
+
+    return bench_parse_args, bench_main

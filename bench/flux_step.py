@@ -22,7 +22,6 @@ The last line of output is one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -34,12 +33,11 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
-from bench import familybench  # noqa: E402
-from bench.common import LEARNING_RATE, SEED  # noqa: E402
-from bench.familybench import ALPHA, RANK, FamilyBench, run_family_bench  # noqa: E402
+from bench.common import SEED  # noqa: E402
+from bench.familybench import FamilyBench, entry_points, lierla_job, noised, shifted  # noqa: E402
 from tests.flux_tiny import tiny_flux_ae, tiny_t5, tiny_t5_tokenizer  # noqa: E402
 from tests.tiny import tiny_text_config  # noqa: E402
-from trainer.config.schema import BLOCK_IDS, TrainConfig  # noqa: E402
+from trainer.config.schema import TrainConfig  # noqa: E402
 from trainer.families.bundle import ModelBundle  # noqa: E402
 from trainer.families.flux import Flux, image_ids, pack, unpack  # noqa: E402
 from trainer.families.flux_load import flux_scheduler  # noqa: E402
@@ -74,20 +72,11 @@ def flux_bundle(size: dict, seed: int = SEED) -> ModelBundle:
 
 
 def flux_config(data: Path, steps: int, name: str, size: dict) -> TrainConfig:
-    """LoRA mode, lierla rank 16 / alpha 8, BASE off (cached captions), fp32, AdamW at a constant LR, batch 1;
-    σ by shift, raw prediction, no min-SNR (a DDPM weighting); split_qkv on, so each of q, k, v has its
-    own down as in the bare loop (shared downs do the same matmuls)."""
-    px = size["pixels"]
-    return TrainConfig(
-        mode="LoRA", network_type="lierla", save_lora_name=name, lora_data_directory=str(data),
-        image_size=[px, px], image_buckets_step=64, image_min_length=px, image_max_ratio=2.0,
-        train_iterations=steps, train_batch_size=1, train_learning_rate=LEARNING_RATE,
-        train_optimizer="AdamW", train_lr_scheduler="constant", network_rank=RANK, network_alpha=ALPHA,
-        train_model_precision="fp32", train_lora_precision="fp32", save_precision="fp32",
-        train_seed=SEED, use_gradient_checkpointing=False, train_snr_gamma=0.0,
-        network_blocks=[b for b in BLOCK_IDS if b != "BASE"],
-        t5xxl_max_token_length=size["t5_tokens"], timestep_sampling="shift", discrete_flow_shift=SHIFT,
-        model_prediction_type="raw", guidance_scale=GUIDANCE, split_qkv=True)
+    """The common lierla job (bench/familybench.py); σ by shift, raw prediction; split_qkv on, so each
+    of q, k, v has its own down as in the bare loop (shared downs do the same matmuls)."""
+    return TrainConfig(**lierla_job(data, steps, name, size), t5xxl_max_token_length=size["t5_tokens"],
+                       timestep_sampling="shift", discrete_flow_shift=SHIFT, model_prediction_type="raw",
+                       guidance_scale=GUIDANCE, split_qkv=True)
 
 
 def flux_step_loss(transformer: torch.nn.Module, latents: torch.Tensor, hidden: torch.Tensor,
@@ -101,10 +90,8 @@ def flux_step_loss(transformer: torch.nn.Module, latents: torch.Tensor, hidden: 
 
     def step_loss(gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=gen)
-        s = torch.sigmoid(torch.randn(b, generator=gen))
-        sigma = SHIFT * s / (1.0 + (SHIFT - 1.0) * s)
-        sv = sigma.view(-1, 1, 1, 1)
-        noisy = (1.0 - sv) * latents + sv * noise
+        sigma = shifted(torch.sigmoid(torch.randn(b, generator=gen)), SHIFT)
+        noisy = noised(latents, noise, sigma)
         out = transformer(hidden_states=pack(noisy), encoder_hidden_states=hidden, pooled_projections=pooled,
                           timestep=sigma, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
                           return_dict=False)[0]
@@ -117,38 +104,20 @@ class FluxBench(FamilyBench):
     """The FLUX model, job and bare step for bench/familybench.py."""
 
     label, title, model, sizes, family_cls = "flux", "FLUX", "flux1-dev-architecture", SIZES, Flux
+    make_bundle, make_config = staticmethod(flux_bundle), staticmethod(flux_config)
+    loss_fn, size_help = staticmethod(flux_step_loss), "the 30.3M-parameter transformer"
+    heading = ("FLUX transformer: {params:,} parameters ({double} double + {single} single blocks, {heads} heads of "
+               "{head_dim}), {pixels}x{pixels} px = {image_tokens} image + {t5_tokens} T5 tokens")
 
-    def make_bundle(self, size: dict) -> ModelBundle:
-        return flux_bundle(size)
-
-    def make_config(self, data: Path, steps: int, name: str, size: dict) -> TrainConfig:
-        return flux_config(data, steps, name, size)
-
-    def take_conditioning(self, cond) -> None:
-        self.hidden, self.pooled = cond.hidden.detach(), cond.pooled.detach()
-
-    def step_loss(self, unet: torch.nn.Module) -> Callable[[torch.Generator], torch.Tensor]:
-        return flux_step_loss(unet, self.latents, self.hidden, self.pooled)
-
-    def describe(self, model_params: int, tokens: int) -> str:
-        size = self.size
-        return (f"FLUX transformer: {model_params:,} parameters ({size['double']} double + {size['single']} single "
-                f"blocks, {size['heads']} heads of {size['head_dim']}), {size['pixels']}x{size['pixels']} px = "
-                f"{tokens} image + {size['t5_tokens']} T5 tokens")
+    def bare_inputs(self, cond) -> tuple:
+        return cond.hidden.detach(), cond.pooled.detach()  # the T5 sequence and the pooled CLIP vector
 
     def fields(self) -> tuple[dict, dict]:
-        size = self.size
-        return ({"double_blocks": size["double"], "single_blocks": size["single"]},
-                {"t5_tokens": size["t5_tokens"], "timestep_sampling": "shift", "model_prediction_type": "raw"})
+        return ({"double_blocks": self.size["double"], "single_blocks": self.size["single"]},
+                {"t5_tokens": self.size["t5_tokens"], "timestep_sampling": "shift", "model_prediction_type": "raw"})
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return familybench.parse_args(__doc__, SIZES, "the 30.3M-parameter transformer", argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    return run_family_bench(FluxBench, parse_args(argv))
-
+parse_args, main = entry_points(FluxBench, __doc__)
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ median over the rounds. The last line of output is one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -32,12 +31,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
-from bench import familybench  # noqa: E402
-from bench.common import LEARNING_RATE, SEED  # noqa: E402
-from bench.familybench import ALPHA, RANK, FamilyBench, run_family_bench  # noqa: E402
+from bench.common import SEED  # noqa: E402
+from bench.familybench import FamilyBench, entry_points, lierla_job, noised, shifted  # noqa: E402
 from tests.flux_tiny import tiny_t5_tokenizer  # noqa: E402
 from tests.sd3_tiny import tiny_sd3_parts  # noqa: E402
-from trainer.config.schema import BLOCK_IDS, TrainConfig  # noqa: E402
+from trainer.config.schema import TrainConfig  # noqa: E402
 from trainer.families.bundle import ModelBundle  # noqa: E402
 from trainer.families.sd3 import SD3  # noqa: E402
 from trainer.families.sd3_load import sd3_scheduler  # noqa: E402
@@ -74,19 +72,10 @@ def sd3_bundle(size: dict, seed: int = SEED) -> ModelBundle:
 
 
 def sd3_config(data: Path, steps: int, name: str, size: dict) -> TrainConfig:
-    """LoRA mode, lierla rank 16 / alpha 8, BASE off (cached captions), fp32, AdamW at a constant LR, batch 1;
-    weighting uniform, training_shift 3, no min-SNR; split_qkv on, so each of q, k, v has its own down
-    as in the bare loop."""
-    px = size["pixels"]
-    return TrainConfig(
-        mode="LoRA", network_type="lierla", save_lora_name=name, lora_data_directory=str(data),
-        image_size=[px, px], image_buckets_step=64, image_min_length=px, image_max_ratio=2.0,
-        train_iterations=steps, train_batch_size=1, train_learning_rate=LEARNING_RATE,
-        train_optimizer="AdamW", train_lr_scheduler="constant", network_rank=RANK, network_alpha=ALPHA,
-        train_model_precision="fp32", train_lora_precision="fp32", save_precision="fp32",
-        train_seed=SEED, use_gradient_checkpointing=False, train_snr_gamma=0.0,
-        network_blocks=[b for b in BLOCK_IDS if b != "BASE"], t5xxl_max_token_length=size["t5_tokens"],
-        weighting_scheme="uniform", training_shift=SHIFT, split_qkv=True)
+    """The common lierla job (bench/familybench.py); weighting uniform, training_shift 3; split_qkv on,
+    so each of q, k, v has its own down as in the bare loop."""
+    return TrainConfig(**lierla_job(data, steps, name, size), t5xxl_max_token_length=size["t5_tokens"],
+                       weighting_scheme="uniform", training_shift=SHIFT, split_qkv=True)
 
 
 def sd3_step_loss(transformer: torch.nn.Module, latents: torch.Tensor, hidden: torch.Tensor,
@@ -96,11 +85,9 @@ def sd3_step_loss(transformer: torch.nn.Module, latents: torch.Tensor, hidden: t
 
     def step_loss(gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=gen)
-        u = torch.rand(b, generator=gen)
-        u = SHIFT * u / (1.0 + (SHIFT - 1.0) * u)
-        t = (u * 1000).long().clamp(min=1).float()
+        t = (shifted(torch.rand(b, generator=gen), SHIFT) * 1000).long().clamp(min=1).float()
+        noisy = noised(latents, noise, t / 1000)
         sigma = (t / 1000).view(-1, 1, 1, 1)
-        noisy = (1.0 - sigma) * latents + sigma * noise
         out = transformer(hidden_states=noisy, encoder_hidden_states=hidden, pooled_projections=pooled,
                           timestep=t, return_dict=False)[0]
         return F.mse_loss((out * (-sigma) + noisy).float(), latents)
@@ -112,38 +99,22 @@ class SD3Bench(FamilyBench):
     """The SD3 model, job and bare step for bench/familybench.py."""
 
     label, title, model, sizes, family_cls = "sd3", "SD3", "sd3.5-medium-architecture", SIZES, SD3
+    make_bundle, make_config = staticmethod(sd3_bundle), staticmethod(sd3_config)
+    loss_fn, size_help = staticmethod(sd3_step_loss), "the SD3.5-medium-shaped transformer"
+    heading = ("SD3 transformer: {params:,} parameters ({joint_blocks} joint blocks, MMDiT-X attention in "
+               "{dual_attention_blocks}, {heads} heads of {head_dim}), {pixels}x{pixels} px = {image_tokens} image + "
+               "{text_tokens} text tokens")
 
-    def make_bundle(self, size: dict) -> ModelBundle:
-        return sd3_bundle(size)
-
-    def make_config(self, data: Path, steps: int, name: str, size: dict) -> TrainConfig:
-        return sd3_config(data, steps, name, size)
-
-    def take_conditioning(self, cond) -> None:
-        self.hidden, self.pooled = cond.hidden.detach(), cond.pooled.detach()
-
-    def step_loss(self, unet: torch.nn.Module) -> Callable[[torch.Generator], torch.Tensor]:
-        return sd3_step_loss(unet, self.latents, self.hidden, self.pooled)
-
-    def describe(self, model_params: int, tokens: int) -> str:
-        size = self.size
-        return (f"SD3 transformer: {model_params:,} parameters ({size['blocks']} joint blocks, MMDiT-X attention in "
-                f"{len(size['dual'])}, {size['heads']} heads of {size['head_dim']}), {size['pixels']}x{size['pixels']} px = "
-                f"{tokens} image + {77 + size['t5_tokens']} text tokens")
+    def bare_inputs(self, cond) -> tuple:
+        return cond.hidden.detach(), cond.pooled.detach()  # CLIP-L/G and T5 joined, pooled CLIP-L/G
 
     def fields(self) -> tuple[dict, dict]:
-        size = self.size
-        return ({"joint_blocks": size["blocks"], "dual_attention_blocks": len(size["dual"])},
-                {"text_tokens": 77 + size["t5_tokens"], "weighting_scheme": "uniform", "training_shift": SHIFT})
+        depth = {"joint_blocks": self.size["blocks"], "dual_attention_blocks": len(self.size["dual"])}
+        return depth, {"text_tokens": 77 + self.size["t5_tokens"], "weighting_scheme": "uniform",
+                       "training_shift": SHIFT}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return familybench.parse_args(__doc__, SIZES, "the SD3.5-medium-shaped transformer", argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    return run_family_bench(SD3Bench, parse_args(argv))
-
+parse_args, main = entry_points(SD3Bench, __doc__)
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,6 @@ last line of output is one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -33,12 +32,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import ZImageTransformer2DModel  # noqa: E402
 
-from bench import familybench  # noqa: E402
-from bench.common import LEARNING_RATE, SEED  # noqa: E402
-from bench.familybench import ALPHA, PROMPT, RANK, FamilyBench, run_family_bench  # noqa: E402,F401
+from bench.common import SEED  # noqa: E402
+from bench.familybench import FamilyBench, entry_points, lierla_job, noised, shifted  # noqa: E402
 from tests.flux_tiny import tiny_flux_ae  # noqa: E402
 from tests.zimage_tiny import tiny_qwen3, tiny_qwen_tokenizer  # noqa: E402
-from trainer.config.schema import BLOCK_IDS, TrainConfig  # noqa: E402
+from trainer.config.schema import TrainConfig  # noqa: E402
 from trainer.families.bundle import ModelBundle  # noqa: E402
 from trainer.families.zimage import ZImage, caption_list  # noqa: E402
 from trainer.families.zimage_load import SCHEDULER, scheduler  # noqa: E402
@@ -71,18 +69,9 @@ def zimage_bundle(size: dict, seed: int = SEED) -> ModelBundle:
 
 
 def zimage_config(data: Path, steps: int, name: str, size: dict) -> TrainConfig:
-    """LoRA mode, lierla rank 16 / alpha 8, BASE off (cached captions), fp32, AdamW at a constant LR, batch 1;
-    σ by shift 3.0, raw prediction, no min-SNR (a DDPM weighting)."""
-    px = size["pixels"]
-    return TrainConfig(
-        mode="LoRA", network_type="lierla", save_lora_name=name, lora_data_directory=str(data),
-        image_size=[px, px], image_buckets_step=64, image_min_length=px, image_max_ratio=2.0,
-        train_iterations=steps, train_batch_size=1, train_learning_rate=LEARNING_RATE,
-        train_optimizer="AdamW", train_lr_scheduler="constant", network_rank=RANK, network_alpha=ALPHA,
-        train_model_precision="fp32", train_lora_precision="fp32", save_precision="fp32",
-        train_seed=SEED, use_gradient_checkpointing=False, train_snr_gamma=0.0,
-        network_blocks=[b for b in BLOCK_IDS if b != "BASE"], qwen3_max_token_length=QWEN3_TOKENS,
-        timestep_sampling="shift", discrete_flow_shift=SHIFT, model_prediction_type="raw")
+    """The common lierla job (bench/familybench.py); σ by shift 3.0, raw prediction."""
+    return TrainConfig(**lierla_job(data, steps, name, size), qwen3_max_token_length=QWEN3_TOKENS,
+                       timestep_sampling="shift", discrete_flow_shift=SHIFT, model_prediction_type="raw")
 
 
 def zimage_step_loss(transformer: torch.nn.Module, latents: torch.Tensor,
@@ -93,10 +82,8 @@ def zimage_step_loss(transformer: torch.nn.Module, latents: torch.Tensor,
 
     def step_loss(gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=gen)
-        s = torch.sigmoid(torch.randn(b, generator=gen))
-        sigma = SHIFT * s / (1.0 + (SHIFT - 1.0) * s)
-        sv = sigma.view(-1, 1, 1, 1)
-        noisy = (1.0 - sv) * latents + sv * noise
+        sigma = shifted(torch.sigmoid(torch.randn(b, generator=gen)), SHIFT)
+        noisy = noised(latents, noise, sigma)
         out = transformer(list(noisy.unsqueeze(2).unbind(0)), 1.0 - sigma, captions, return_dict=False)[0]
         return F.mse_loss(-torch.stack(out).squeeze(2).float(), noise - latents)
 
@@ -107,39 +94,22 @@ class ZImageBench(FamilyBench):
     """The Z-Image model, job and bare step for bench/familybench.py."""
 
     label, title, model, sizes, family_cls = "zimage", "Z-Image", "z-image-architecture", SIZES, ZImage
+    make_bundle, make_config = staticmethod(zimage_bundle), staticmethod(zimage_config)
+    loss_fn, size_help = staticmethod(zimage_step_loss), "the 4-layer, 384-wide transformer"
+    heading = ("Z-Image transformer: {params:,} parameters ({layers} layers + {refiners} noise and context refiners, "
+               "{heads} heads of {head_dim}), {pixels}x{pixels} px = {image_tokens} image + {caption_tokens} caption "
+               "tokens")
 
-    def make_bundle(self, size: dict) -> ModelBundle:
-        return zimage_bundle(size)
-
-    def make_config(self, data: Path, steps: int, name: str, size: dict) -> TrainConfig:
-        return zimage_config(data, steps, name, size)
-
-    def take_conditioning(self, cond) -> None:
-        self.captions = [c.detach() for c in caption_list(cond)]
-
-    def step_loss(self, unet: torch.nn.Module) -> Callable[[torch.Generator], torch.Tensor]:
-        return zimage_step_loss(unet, self.latents, self.captions)
-
-    def describe(self, model_params: int, tokens: int) -> str:
-        size = self.size
-        return (f"Z-Image transformer: {model_params:,} parameters ({size['layers']} layers + {size['refiners']} noise "
-                f"and context refiners, {size['heads']} heads of {size['head_dim']}), {size['pixels']}x{size['pixels']} px "
-                f"= {tokens} image + {int(self.captions[0].shape[0])} caption tokens")
+    def bare_inputs(self, cond) -> tuple:
+        return ([c.detach() for c in caption_list(cond)],)  # one [tokens, width] tensor per image
 
     def fields(self) -> tuple[dict, dict]:
-        size = self.size
-        return ({"layers": size["layers"], "refiners": size["refiners"]},
-                {"caption_tokens": int(self.captions[0].shape[0]), "timestep_sampling": "shift",
-                 "model_prediction_type": "raw"})
+        tokens = int(self.inputs[0][0].shape[0])
+        return ({"layers": self.size["layers"], "refiners": self.size["refiners"]},
+                {"caption_tokens": tokens, "timestep_sampling": "shift", "model_prediction_type": "raw"})
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return familybench.parse_args(__doc__, SIZES, "the 4-layer, 384-wide transformer", argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    return run_family_bench(ZImageBench, parse_args(argv))
-
+parse_args, main = entry_points(ZImageBench, __doc__)
 
 if __name__ == "__main__":
     main()
