@@ -38,18 +38,17 @@ class FamilyBench(Bench):
     """bench/step.py's Bench with a family's model, job and bare loop (bench_algo drives both).
 
     A subclass sets `label` (the table row, folder and LoRA names), `title` (for errors), `model`
-    (the JSON's "model"), `sizes`, `family_cls` (the family class, for its prepare), `heading` (the
-    model part of the first line, formatted with the size's, `fields`' and the counts' keys),
-    `size_help` (what --size bench is), and `make_bundle(size)`, `make_config(data, steps, name, size)`
-    and `loss_fn(transformer, latents, *inputs)` (the bare step's loss) as static methods; it defines
-    `bare_inputs` and `fields`.
+    (the JSON's "model"), `sizes`, `heading` (the model part of the first line, formatted with the
+    size's, `fields`' and the counts' keys), `size_help` (what --size bench is), and as static
+    methods `make_bundle(size)`, `make_config(data, steps, name, size)` and
+    `loss_fn(transformer, latents, *inputs)` (the bare step's loss); it defines `fields`, and
+    `bare_inputs` where the loss takes other inputs than (hidden, pooled).
     """
 
     label: str
     title: str
     model: str
     sizes: dict[str, dict]
-    family_cls: type
     heading: str
     size_help: str
     make_bundle: Callable[[dict], ModelBundle]
@@ -68,14 +67,16 @@ class FamilyBench(Bench):
         self.runs, self.bare_params = 0, None
         gen = torch.Generator().manual_seed(SEED)
         self.latents = torch.randn((1, 16, px // 8, px // 8), generator=gen)
-        # the family's prepare sets the text length the cached prompt is encoded at
-        self.family_cls().prepare(self.bundle, self.cfg("lierla", 1), torch.device("cpu"))
+        # the family's prepare (on a fresh instance, as the engine's run) sets the text length the
+        # cached prompt is encoded at
+        type(self.bundle.family)().prepare(self.bundle, self.cfg("lierla", 1), torch.device("cpu"))
         with torch.no_grad():
             self.inputs = self.bare_inputs(encode_prompts(self.bundle, [PROMPT]))
 
     def bare_inputs(self, cond) -> tuple:
-        """What the bare step's loss takes of the prompt's encoding, after the latents (detached)."""
-        raise NotImplementedError
+        """What the bare step's loss takes of the prompt's encoding, after the latents (detached):
+        here the text sequence and the pooled vector, as FLUX's and SD3's transformers take them."""
+        return cond.hidden.detach(), cond.pooled.detach()
 
     def fields(self) -> tuple[dict, dict]:
         """The JSON's family keys: those before "heads" (depth) and those after "image_tokens"."""

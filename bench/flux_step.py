@@ -39,7 +39,7 @@ from tests.flux_tiny import tiny_flux_ae, tiny_t5, tiny_t5_tokenizer  # noqa: E4
 from tests.tiny import tiny_text_config  # noqa: E402
 from trainer.config.schema import TrainConfig  # noqa: E402
 from trainer.families.bundle import ModelBundle  # noqa: E402
-from trainer.families.flux import Flux, image_ids, pack, unpack  # noqa: E402
+from trainer.families.flux import image_ids, pack, unpack  # noqa: E402
 from trainer.families.flux_load import flux_scheduler  # noqa: E402
 from trainer.families.tokenizer import clip_tokenizer  # noqa: E402
 
@@ -52,6 +52,9 @@ SIZES = {
     "bench": {"double": 3, "single": 6, "heads": 6, "head_dim": 64, "axes": (8, 28, 28), "t5_tokens": 64, "pixels": 256},
     "tiny": {"double": 1, "single": 1, "heads": 2, "head_dim": 32, "axes": (4, 14, 14), "t5_tokens": 8, "pixels": 64},
 }
+# The first line's model part: bench/familybench.py fills in SIZES', the JSON's and the counts' keys.
+HEADING = ("FLUX transformer: {params:,} parameters ({double} double + {single} single blocks, {heads} heads of "
+           "{head_dim}), {pixels}x{pixels} px = {image_tokens} image + {t5_tokens} T5 tokens")
 
 
 def flux_bundle(size: dict, seed: int = SEED) -> ModelBundle:
@@ -103,14 +106,10 @@ def flux_step_loss(transformer: torch.nn.Module, latents: torch.Tensor, hidden: 
 class FluxBench(FamilyBench):
     """The FLUX model, job and bare step for bench/familybench.py."""
 
-    label, title, model, sizes, family_cls = "flux", "FLUX", "flux1-dev-architecture", SIZES, Flux
+    label, title, model = "flux", "FLUX", "flux1-dev-architecture"
+    sizes, heading, size_help = SIZES, HEADING, "the 30.3M-parameter transformer"
     make_bundle, make_config = staticmethod(flux_bundle), staticmethod(flux_config)
-    loss_fn, size_help = staticmethod(flux_step_loss), "the 30.3M-parameter transformer"
-    heading = ("FLUX transformer: {params:,} parameters ({double} double + {single} single blocks, {heads} heads of "
-               "{head_dim}), {pixels}x{pixels} px = {image_tokens} image + {t5_tokens} T5 tokens")
-
-    def bare_inputs(self, cond) -> tuple:
-        return cond.hidden.detach(), cond.pooled.detach()  # the T5 sequence and the pooled CLIP vector
+    loss_fn = staticmethod(flux_step_loss)
 
     def fields(self) -> tuple[dict, dict]:
         return ({"double_blocks": self.size["double"], "single_blocks": self.size["single"]},

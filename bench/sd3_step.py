@@ -37,7 +37,6 @@ from tests.flux_tiny import tiny_t5_tokenizer  # noqa: E402
 from tests.sd3_tiny import tiny_sd3_parts  # noqa: E402
 from trainer.config.schema import TrainConfig  # noqa: E402
 from trainer.families.bundle import ModelBundle  # noqa: E402
-from trainer.families.sd3 import SD3  # noqa: E402
 from trainer.families.sd3_load import sd3_scheduler  # noqa: E402
 from trainer.families.tokenizer import clip_tokenizer  # noqa: E402
 
@@ -48,6 +47,10 @@ SIZES = {
     "bench": {"blocks": 4, "dual": (0, 1), "heads": 6, "head_dim": 64, "t5_tokens": 64, "pixels": 256},
     "tiny": {"blocks": 2, "dual": (0,), "heads": 2, "head_dim": 16, "t5_tokens": 8, "pixels": 64},
 }
+# The first line's model part: bench/familybench.py fills in SIZES', the JSON's and the counts' keys.
+HEADING = ("SD3 transformer: {params:,} parameters ({joint_blocks} joint blocks, MMDiT-X attention in "
+           "{dual_attention_blocks}, {heads} heads of {head_dim}), {pixels}x{pixels} px = {image_tokens} image + "
+           "{text_tokens} text tokens")
 
 
 def sd3_bundle(size: dict, seed: int = SEED) -> ModelBundle:
@@ -98,15 +101,10 @@ def sd3_step_loss(transformer: torch.nn.Module, latents: torch.Tensor, hidden: t
 class SD3Bench(FamilyBench):
     """The SD3 model, job and bare step for bench/familybench.py."""
 
-    label, title, model, sizes, family_cls = "sd3", "SD3", "sd3.5-medium-architecture", SIZES, SD3
+    label, title, model = "sd3", "SD3", "sd3.5-medium-architecture"
+    sizes, heading, size_help = SIZES, HEADING, "the SD3.5-medium-shaped transformer"
     make_bundle, make_config = staticmethod(sd3_bundle), staticmethod(sd3_config)
-    loss_fn, size_help = staticmethod(sd3_step_loss), "the SD3.5-medium-shaped transformer"
-    heading = ("SD3 transformer: {params:,} parameters ({joint_blocks} joint blocks, MMDiT-X attention in "
-               "{dual_attention_blocks}, {heads} heads of {head_dim}), {pixels}x{pixels} px = {image_tokens} image + "
-               "{text_tokens} text tokens")
-
-    def bare_inputs(self, cond) -> tuple:
-        return cond.hidden.detach(), cond.pooled.detach()  # CLIP-L/G and T5 joined, pooled CLIP-L/G
+    loss_fn = staticmethod(sd3_step_loss)
 
     def fields(self) -> tuple[dict, dict]:
         depth = {"joint_blocks": self.size["blocks"], "dual_attention_blocks": len(self.size["dual"])}

@@ -38,7 +38,7 @@ from tests.flux_tiny import tiny_flux_ae  # noqa: E402
 from tests.zimage_tiny import tiny_qwen3, tiny_qwen_tokenizer  # noqa: E402
 from trainer.config.schema import TrainConfig  # noqa: E402
 from trainer.families.bundle import ModelBundle  # noqa: E402
-from trainer.families.zimage import ZImage, caption_list  # noqa: E402
+from trainer.families.zimage import caption_list  # noqa: E402
 from trainer.families.zimage_load import SCHEDULER, scheduler  # noqa: E402
 
 SHIFT = SCHEDULER["shift"]  # Z-Image's scheduler shift (3.0), as the preset trains with
@@ -50,6 +50,10 @@ SIZES = {
     "bench": {"layers": 4, "refiners": 1, "heads": 3, "head_dim": 128, "axes": [32, 48, 48], "pixels": 256},
     "tiny": {"layers": 1, "refiners": 1, "heads": 2, "head_dim": 32, "axes": [8, 12, 12], "pixels": 64},
 }
+# The first line's model part: bench/familybench.py fills in SIZES', the JSON's and the counts' keys.
+HEADING = ("Z-Image transformer: {params:,} parameters ({layers} layers + {refiners} noise and context refiners, "
+           "{heads} heads of {head_dim}), {pixels}x{pixels} px = {image_tokens} image + {caption_tokens} caption "
+           "tokens")
 
 
 def zimage_bundle(size: dict, seed: int = SEED) -> ModelBundle:
@@ -93,12 +97,10 @@ def zimage_step_loss(transformer: torch.nn.Module, latents: torch.Tensor,
 class ZImageBench(FamilyBench):
     """The Z-Image model, job and bare step for bench/familybench.py."""
 
-    label, title, model, sizes, family_cls = "zimage", "Z-Image", "z-image-architecture", SIZES, ZImage
+    label, title, model = "zimage", "Z-Image", "z-image-architecture"
+    sizes, heading, size_help = SIZES, HEADING, "the 4-layer, 384-wide transformer"
     make_bundle, make_config = staticmethod(zimage_bundle), staticmethod(zimage_config)
-    loss_fn, size_help = staticmethod(zimage_step_loss), "the 4-layer, 384-wide transformer"
-    heading = ("Z-Image transformer: {params:,} parameters ({layers} layers + {refiners} noise and context refiners, "
-               "{heads} heads of {head_dim}), {pixels}x{pixels} px = {image_tokens} image + {caption_tokens} caption "
-               "tokens")
+    loss_fn = staticmethod(zimage_step_loss)
 
     def bare_inputs(self, cond) -> tuple:
         return ([c.detach() for c in caption_list(cond)],)  # one [tokens, width] tensor per image
