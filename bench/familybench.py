@@ -67,8 +67,8 @@ class FamilyBench(Bench):
         self.runs, self.bare_params = 0, None
         gen = torch.Generator().manual_seed(SEED)
         self.latents = torch.randn((1, 16, px // 8, px // 8), generator=gen)
-        # the family's prepare (on a fresh instance, as the engine's run) sets the text length the
-        # cached prompt is encoded at
+        # the family's prepare (a fresh instance of the bundle's family class) sets the text length
+        # the cached prompt is encoded at
         type(self.bundle.family)().prepare(self.bundle, self.cfg("lierla", 1), torch.device("cpu"))
         with torch.no_grad():
             self.inputs = self.bare_inputs(encode_prompts(self.bundle, [PROMPT]))
