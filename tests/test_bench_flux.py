@@ -1,60 +1,26 @@
 """bench/flux_step.py, P1's FLUX row: its bare step is the engine's FLUX objective, and the bench runs end to end."""
 from __future__ import annotations
 
-import json
-
-import torch
-
 from bench import flux_step
+from tests.benchkit import assert_bare_loss_is_engine_loss, assert_quick_and_full_defaults, run_tiny_bench
 from trainer.families.flux import Flux
-from trainer.families.textenc import encode_prompts
 
 
 def test_bare_step_loss_is_the_engine_flux_objective(tmp_path):
     """Same generator draws (noise, then σ): the bare loss equals the family's noise/σ/denoise/target/loss chain."""
     size = flux_step.SIZES["tiny"]
-    bundle = flux_step.flux_bundle(size)
-    cfg = flux_step.flux_config(tmp_path, 1, "check", size)
-    cpu = torch.device("cpu")
-    Flux().prepare(bundle, cfg, cpu)
-    with torch.no_grad():
-        cond = encode_prompts(bundle, ["pattern 0, checkers"])
-        assert cond.hidden.shape[1] == size["t5_tokens"]
-        latents = torch.randn((1, 16, size["pixels"] // 8, size["pixels"] // 8), generator=torch.Generator().manual_seed(2))
-        bare_loss = flux_step.flux_step_loss(bundle.unet, latents, cond.hidden, cond.pooled)(torch.Generator().manual_seed(3))
-        family, gen = bundle.family, torch.Generator().manual_seed(3)
-        noise = torch.randn(latents.shape, generator=gen)
-        sigma = family.sample_timesteps(cfg, 1, tuple(latents.shape), generator=gen, device=cpu)
-        noisy = family.noisy_input(None, latents, noise, sigma)
-        pred = family.denoise(bundle, noisy, sigma, cond, None, device=cpu, dtype=torch.float32)
-        target = family.target(None, latents, noise, sigma, False)
-        engine_loss, _ = family.make_loss(cfg, None, v_pred=False, device=cpu)(pred.float(), target, sigma, None)
-    assert 0.0 < sigma.item() < 1.0
-    assert torch.allclose(bare_loss, engine_loss, rtol=1e-5, atol=0), (float(bare_loss), float(engine_loss))
+    cond = assert_bare_loss_is_engine_loss(
+        flux_step.flux_bundle(size), flux_step.flux_config(tmp_path, 1, "check", size), Flux, size["pixels"],
+        lambda unet, cond, latents: flux_step.flux_step_loss(unet, latents, cond.hidden, cond.pooled))
+    assert cond.hidden.shape[1] == size["t5_tokens"]
 
 
 def test_flux_bench_runs_and_reports_matching_parameter_counts(monkeypatch, capsys, tmp_path):
     """The quickest form on the tiny transformer: one round, the JSON line's fields, bare = LyCORIS."""
-    monkeypatch.setenv("TRAINDECK_LOGS", str(tmp_path))  # restored afterwards; the bench repoints both at its own
-    monkeypatch.setenv("TRAINDECK_JSONS", str(tmp_path))  # temporary folder
-    threads = torch.get_num_threads()
-    summary = flux_step.main(["--quick", "--size", "tiny", "--steps", "3", "--warmup", "1", "--rounds", "1",
-                              "--threads", str(threads)])
-    assert torch.get_num_threads() == threads
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
-    assert summary["network_params"] == summary["bare_params"] > 0
+    summary = run_tiny_bench(flux_step, monkeypatch, capsys, tmp_path)
     assert summary["modules"] == 20  # 14 Linear layers in the double block, 6 in the single block
-    assert summary["check_rel_err"] < 1e-4
-    assert len(summary["ratios_by_round"]) == 1 and summary["P1"] == summary["ratios_by_round"][0] > 0
-    assert summary["ms_per_step"]["trainer"] > 0 and summary["ms_per_step"]["bare"] > 0
-    assert summary["P1_cpu"] > 0
-    assert (summary["image_tokens"], summary["t5_tokens"], summary["size"]) == (16, 8, "tiny")
-    assert summary["threads"] == threads and summary["quick"] is True
-    for key in ("load_avg_start", "load_avg_end", "torch", "diffusers", "lycoris", "cpu", "transformer_params"):
-        assert key in summary
+    assert summary["t5_tokens"] == 8
 
 
 def test_quick_and_full_defaults():
-    quick, full = flux_step.parse_args(["--quick"]), flux_step.parse_args([])
-    assert (quick.steps, quick.warmup, quick.rounds) == (12, 3, 2)
-    assert (full.steps, full.warmup, full.rounds) == (30, 6, 4)
+    assert_quick_and_full_defaults(flux_step)
