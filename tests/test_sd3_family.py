@@ -115,8 +115,8 @@ def ileco_gap(bundle, network=None) -> float:
 
 
 def test_ileco_erases_on_sd3_as_on_sd1(tmp_path, logs):
-    cfg = sd3_job(tmp_path, "iLECO", original_prompt="a cat", target_prompt="", train_iterations=40,
-                  train_learning_rate=2e-3)
+    cfg = sd3_job(tmp_path, "iLECO", original_prompt="a cat", target_prompt="", train_iterations=80,
+                  train_learning_rate=4e-3)
     host = MemoryHost(tmp_path / "out", bundle=tiny_sd3_bundle())
     SD3().prepare(host.bundle, cfg, torch.device("cpu"))
     start = ileco_gap(host.bundle)

@@ -28,6 +28,7 @@ def test_every_setting_has_a_widget_from_the_schema(app):
 
 
 FAMILY_DEFAULTS = [form.form_values(TrainConfig())[n] for n in form.FAMILY_FIELDS]
+FLUX_FIELDS = {n for n in form.FAMILY_FIELDS if "flux" in form.PARAMS[n].families}  # shown for a FLUX model
 
 
 def test_mode_switch_shows_what_the_schema_says(app):
@@ -49,7 +50,7 @@ def test_mode_switch_shows_what_the_schema_says(app):
 
 
 def _flux_shown(ups: list) -> tuple[set[str], bool]:
-    """(FLUX-only fields shown, the flow group shown) from the view handler's updates."""
+    """(family fields shown, the flow group shown) from the view handler's updates."""
     names = [n for n in form.FORM_FIELDS if n not in form.HEADER_FIELDS]
     shown = {n for n, u in zip(names, ups) if u["visible"] and n in form.FAMILY_FIELDS}
     groups = ups[len(names) + 4:-1]
@@ -66,7 +67,7 @@ def test_the_chosen_models_family_decides_the_flux_fields(app, tmp_path):
     assert app.train.groups["flow"].visible is False
     on_model = handler(app.blocks, "traindeck_model")
     for mode in ("LoRA", "iLECO", "ADDifT"):
-        assert _flux_shown(on_model(mode, "flux1-dev.safetensors", *FAMILY_DEFAULTS)) == (set(form.FAMILY_FIELDS), True)
+        assert _flux_shown(on_model(mode, "flux1-dev.safetensors", *FAMILY_DEFAULTS)) == (FLUX_FIELDS, True)
         assert _flux_shown(on_model(mode, "sd15.safetensors", *FAMILY_DEFAULTS)) == (set(), False)
         assert _flux_shown(on_model(mode, "", *FAMILY_DEFAULTS)) == (set(), False)
 
@@ -87,7 +88,7 @@ def test_flux_part_fields_pick_the_hosts_files(app, tmp_path):
 
     for name in form.PART_FIELDS:
         assert isinstance(app.train.fields[name], gr.Dropdown), name
-    assert set(form.PART_FIELDS) == {"clip_l", "t5xxl", "ae"}
+    assert set(form.PART_FIELDS) == {"clip_l", "clip_g", "t5xxl", "ae", "qwen3"}
     more = tmp_path / "more-models"
     for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"):
         header_file(more / name, "flux")
