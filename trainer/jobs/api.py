@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the controller imports the engine (torch); the API only cal
 
 PREFIX = "/traindeck/v1"
 ROUTE_TAG = "traindeck"  # route names start with it, so mount() can replace its own routes
+MOUNTED = "traindeck_routes"  # the app.state attribute listing the routes mount() added
 PROGRESS_FIELDS = ("phase", "mode", "name", "step", "total", "loss", "loss_ema", "it_per_s", "eta_s", "message")
 JOB_KEYS = frozenset({"preset", "settings", "overrides", "start"})
 # What /docs shows for the two bodies, which are read by hand rather than by a pydantic model.
@@ -307,11 +308,18 @@ def create_router(ctl: Controller, credentials: Mapping[str, str] | None = None,
 def mount(app: FastAPI, ctl: Controller, credentials: Mapping[str, str] | None = None,
           prefix: str = PREFIX) -> APIRouter:
     """Add the routes to the host's app, replacing ones an earlier call added: the host calls
-    `on_app_started` again after each UI reload, and the first routes (and Controller) would win."""
-    app.router.routes[:] = [route for route in app.router.routes
-                            if not str(getattr(route, "name", "")).startswith(f"{ROUTE_TAG}:")]
+    `on_app_started` again after each UI reload, and the first routes (and Controller) would win.
+
+    What an earlier call added is kept on the app (FastAPI from 0.137 adds one unnamed entry per
+    included router, earlier versions one named route per endpoint); named routes of ours from an
+    app that predates that record go too."""
+    earlier = {id(route) for route in getattr(app.state, MOUNTED, ())}
+    app.router.routes[:] = [route for route in app.router.routes if id(route) not in earlier
+                            and not str(getattr(route, "name", "")).startswith(f"{ROUTE_TAG}:")]
+    present = {id(route) for route in app.router.routes}
     router = create_router(ctl, credentials, prefix)
     app.include_router(router)
+    setattr(app.state, MOUNTED, [route for route in app.router.routes if id(route) not in present])
     app.openapi_schema = None  # rebuilt with the new routes on the next /openapi.json
     return router
 
