@@ -65,6 +65,14 @@ def test_size_below_multiple_is_config_error():
     assert err.value.key == "image_size(height, width)" and err.value.value == [32, 512]
 
 
+def test_a_bucket_at_exactly_the_ratio_limit_comes_with_its_transpose():
+    """184x160 is 1.15 either way round; both orientations are buckets or neither is."""
+    b = make_buckets([64, 464], 8, 8, 1.15, 8)
+    for group in (b.main, b.sub):
+        assert set(group) == {(y, x) for x, y in group}
+    assert (184, 160) in b.all and (160, 184) in b.all
+
+
 @settings(max_examples=150, deadline=None)
 @given(h=st.integers(8, 160).map(lambda x: x * 8), w=st.integers(8, 160).map(lambda x: x * 8),
        step=st.sampled_from([8, 32, 64, 100, 128, 256]), min_length=st.integers(8, 1024),

@@ -52,7 +52,9 @@ def _order(b: Bucket) -> tuple[float, int]:
 
 
 def _in_ratio(w: int, h: int, max_ratio: float) -> bool:
-    return h > 0 and w > 0 and 1 / max_ratio <= w / h <= max_ratio
+    # long side / short side, one division: w/h against 1/max_ratio rounds differently from h/w
+    # against max_ratio, which let a bucket in without its transpose (160x184 at ratio 1.15)
+    return h > 0 and w > 0 and max(w, h) / min(w, h) <= max_ratio
 
 
 def _grid(min_length: int, longest: int, step: int) -> list[int]:
