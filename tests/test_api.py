@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from trainer.jobs.api import PREFIX, PROGRESS_FIELDS, mount, parse_api_auth, schema
 
 from tests.uikit import app, demo_root, make_app, wait_idle  # noqa: F401 (fixtures)
+from tests.webuikit import endpoints
 
 pytestmark = pytest.mark.ui
 
@@ -452,16 +453,6 @@ def test_parse_api_auth(text, expected):
 def test_parse_api_auth_refuses_a_malformed_entry(text):
     with pytest.raises(ValueError):
         parse_api_auth(text)
-
-
-def endpoints(routes: list) -> list:
-    """The app's endpoint routes: FastAPI from 0.137 keeps an included router as one entry
-    (``original_router`` holds its routes), earlier versions copy its routes in."""
-    out = []
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        out.extend(endpoints(inner.routes) if inner is not None else [route])
-    return out
 
 
 def test_mounting_again_replaces_the_routes(app, tmp_path, monkeypatch, demo_root):

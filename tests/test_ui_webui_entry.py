@@ -13,7 +13,7 @@ import pytest
 from trainer.paths import ROOT
 
 from tests.tiny import tiny_bundle
-from tests.webuikit import a1111_model, fake_webui
+from tests.webuikit import a1111_model, endpoints, fake_webui
 
 pytestmark = pytest.mark.ui
 ALIAS = "traindeck_trainer"
@@ -81,4 +81,4 @@ def test_the_routes_are_mounted_once_and_protected_by_api_auth(entry, tmp_path):
         client = TestClient(app)
         assert client.get("/traindeck/v1/status").status_code == 401
         assert client.get("/traindeck/v1/status", auth=("user", "pass")).status_code == 200
-        assert sum(1 for r in app.routes if getattr(r, "path", "") == "/traindeck/v1/status") == 1
+        assert sum(1 for r in endpoints(app.routes) if getattr(r, "path", "") == "/traindeck/v1/status") == 1

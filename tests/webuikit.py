@@ -205,3 +205,13 @@ def host_tensors(model) -> list[torch.Tensor]:
         modules = [o.unet.model.diffusion_model, o.vae.first_stage_model, o.clip.cond_stage_model]
         return [t for m in modules for _, t in sorted(m.state_dict().items())]
     return [t for _, t in sorted(model.state_dict().items())]
+
+
+def endpoints(routes: list) -> list:
+    """An app's endpoint routes: FastAPI from 0.137 keeps an included router as one entry
+    (``original_router`` holds its routes), earlier versions copy its routes in."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out.extend(endpoints(inner.routes) if inner is not None else [route])
+    return out
