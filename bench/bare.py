@@ -80,6 +80,32 @@ class BareLoHa(BareDelta):
         return self.op(x, self.weight())
 
 
+class _HadamardRecompute(torch.autograd.Function):
+    """(w1a @ w1b) * (w2a @ w2b) * scale, keeping only the four factors for the backward, which
+    rebuilds both products: the memory-for-time trade LyCORIS makes for LoHa."""
+
+    @staticmethod
+    def forward(ctx, w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = grad * (w2a @ w2b)   # d/d(w1a @ w1b)
+        g2 = grad * (w1a @ w1b)   # d/d(w2a @ w2b)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
+
+
+class BareLoHaRecompute(BareLoHa):
+    """BareLoHa whose backward rebuilds the two products instead of autograd keeping them."""
+
+    def weight(self) -> Tensor:
+        return _HadamardRecompute.apply(self.w1a, self.w1b, self.w2a, self.w2b, self.scale).reshape(self.shape)
+
+
 class BareLoKr(BareDelta):
     """kron(w1, w2) * scale applied without building it, as LyCORIS's bypass does.
 
@@ -146,9 +172,14 @@ class BareLoKrRebuild(BareLoKr):
 BARE = {"lierla": BareLoRA, "c3lier": BareLoRA, "loha": BareLoHa, "lokr": BareLoKr}
 
 
-def attach(unet: nn.Module, algo: str, targets: list[tuple[str, object]], rebuild_lokr: bool = False) -> nn.ModuleList:
+def attach(unet: nn.Module, algo: str, targets: list[tuple[str, object]], rebuild_lokr: bool = False,
+           recompute_loha: bool = False) -> nn.ModuleList:
     """Hook a bare delta into every target of `unet` (path, LyCORIS module)."""
-    cls = BareLoKrRebuild if algo == "lokr" and rebuild_lokr else BARE[algo]
+    cls = BARE[algo]
+    if algo == "lokr" and rebuild_lokr:
+        cls = BareLoKrRebuild
+    elif algo == "loha" and recompute_loha:
+        cls = BareLoHaRecompute
     deltas = nn.ModuleList()
     for path, lyco in targets:
         deltas.append(cls(unet.get_submodule(path), lyco))

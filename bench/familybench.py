@@ -148,7 +148,7 @@ def parse_args(doc: str, sizes: dict, size_help: str, argv: list[str] | None = N
         p.error("--steps must be more than --warmup")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    args.lokr_rebuild = False  # Bench.bare_model reads it; LoKr is not part of these benches
+    args.lokr_rebuild = args.loha_recompute = False  # Bench.bare_model reads them; LoKr/LoHa are not benched here
     return args
 
 

@@ -92,12 +92,13 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--python", action="store_true", help="also cProfile the trainer's steady steps")
     p.add_argument("--lokr-rebuild", action="store_true")
+    p.add_argument("--loha-recompute", action="store_true")
     args = p.parse_args()
     lycoris_logger.setLevel(logging.ERROR)
     active = args.steps - args.warmup
     with tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:
         os.environ["TRAINDECK_LOGS"] = str(Path(tmp) / "logs")
-        b = Bench(argparse.Namespace(lokr_rebuild=args.lokr_rebuild), Path(tmp))
+        b = Bench(argparse.Namespace(lokr_rebuild=args.lokr_rebuild, loha_recompute=args.loha_recompute), Path(tmp))
         unet, deltas, *_ = b.bare_model(args.algo)
         window = Window(args.warmup, args.steps, python=args.python)
         Trainer(b.cfg(args.algo, args.steps), BenchHost(b.bundle, b.lora_dir), device=torch.device("cpu"),

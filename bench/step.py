@@ -87,7 +87,8 @@ class Bench:
             names = {id(m): name for name, m in self.bundle.unet.named_modules()}
             targets = [(names[id(m.org_module[0])], m) for m in network.unet_modules]
             unet = copy.deepcopy(self.pristine)
-            deltas = bare.attach(unet, algo, targets, rebuild_lokr=self.args.lokr_rebuild)
+            deltas = bare.attach(unet, algo, targets, rebuild_lokr=self.args.lokr_rebuild,
+                                 recompute_loha=self.args.loha_recompute)
             worst = bare.check_same_math(deltas, targets)
             if sum(p.numel() for p in deltas.parameters()) != network.n_params:
                 raise RuntimeError(f"{algo}: bare and LyCORIS parameter counts differ")
@@ -213,6 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bench: the ~35M-parameter SD1-like U-Net; sd15: SD1.5's real sizes (a check, slow)")
     p.add_argument("--lokr-rebuild", action="store_true",
                    help="bare LoKr builds kron(w1, w2) each forward instead of LyCORIS's grouped bypass")
+    p.add_argument("--loha-recompute", action="store_true",
+                   help="bare LoHa rebuilds its two products in the backward, as LyCORIS does to save memory, "
+                        "instead of autograd keeping them")
     p.add_argument("--threads", default="auto",
                    help="torch threads; auto = torch's default, or fewer when other work holds a core")
     args = p.parse_args(argv)
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
                             for k, v in results.items()},
         "ratios_by_round": {k: [round(x, 4) for x in v["ratios"]] for k, v in results.items()},
         "modules": {k: v["modules"] for k, v in results.items()},
+        "bare": {"lokr": "kron rebuilt" if args.lokr_rebuild else "grouped bypass",
+                 "loha": "products rebuilt in backward" if args.loha_recompute else "products kept by autograd"},
         "model": args.model, "unet_params": unet_params, "vae": args.vae if args.model == "bench" else "sd15", "vae_params": n_params(b.bundle.vae), **environment(), "threads_why": why,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "quick": args.quick,
         "load_avg_start": load_before, "load_avg_end": load_average(),

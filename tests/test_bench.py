@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
+import pytest
 import torch
 
 from bench import startup
@@ -138,3 +139,29 @@ def test_device_bench_bare_copy_runs_the_plain_layers_plus_its_own_delta_only(mo
         layer = delta.org_forward.__self__
         assert id(layer) in layers and layer.forward == delta.forward
         assert type(layer).forward is delta.org_forward.__func__  # the layer's class forward: nn.Linear's
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Linear(12, 10), torch.nn.Conv2d(6, 5, 3, padding=1)])
+def test_bare_loha_that_rebuilds_its_products_gives_autograds_values_and_gradients(layer):
+    """--loha-recompute changes where the bare LoHa's products come from in the backward, not the math."""
+    from types import SimpleNamespace
+
+    from bench import bare
+
+    gen = torch.Generator().manual_seed(0)
+    out_dim, in_dim = layer.weight.shape[0], layer.weight[0].numel()
+    lyco = SimpleNamespace(scale=0.5, hada_w1_a=torch.randn(out_dim, 4, generator=gen),
+                           hada_w1_b=torch.randn(4, in_dim, generator=gen),
+                           hada_w2_a=torch.randn(out_dim, 4, generator=gen),
+                           hada_w2_b=torch.randn(4, in_dim, generator=gen))
+    x = torch.randn((2, 6, 5, 5) if isinstance(layer, torch.nn.Conv2d) else (2, 3, 12), generator=gen)
+    results = []
+    for cls in (bare.BareLoHa, bare.BareLoHaRecompute):
+        delta = cls(layer, lyco)
+        y = delta.delta(x)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), [p.grad for p in delta.parameters()]))
+    (y0, g0), (y1, g1) = results
+    assert torch.allclose(y0, y1, rtol=1e-6, atol=1e-6)
+    assert len(g0) == len(g1) == 4
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g0, g1))

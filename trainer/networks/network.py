@@ -21,7 +21,8 @@ from ..families.blocks import block_id
 from ..training.devices import DTYPES
 from ..fsutil import atomic_path
 from .metadata import STRENGTH_KEY, build_metadata
-from .build import NetworkSpec, create_lycoris, quiet_lycoris, skip_unit_scalar
+from .build import NetworkSpec, create_lycoris, quiet_lycoris
+from .fastpath import skip_unit_scalar
 from .file import check_resume, scale_strength
 from .groups import TE, UNET, GroupPlan, build_groups, frozen_params
 from ..config.params import ConfigError
