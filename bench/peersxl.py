@@ -88,7 +88,7 @@ def write_sdxl_model(folder: Path) -> dict:
     """The SDXL-layout model as a diffusers folder (unet, vae, two encoders and tokenizers, scheduler)."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    from trainer.tokenizer import clip_tokenizer
+    from trainer.families.tokenizer import clip_tokenizer
 
     unet, vae, (te1, te2) = sdxl_unet(), sdxl_vae(), sdxl_text_encoders()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

@@ -165,3 +165,41 @@ def test_bare_loha_that_rebuilds_its_products_gives_autograds_values_and_gradien
     assert torch.allclose(y0, y1, rtol=1e-6, atol=1e-6)
     assert len(g0) == len(g1) == 4
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g0, g1))
+
+
+def _top_level_names(path) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def test_every_trainer_import_in_the_benches_names_a_module_and_names_it_defines():
+    """Imports inside functions run only when a bench runs: check them all against the package's files."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    wrong = []
+    for bench_file in sorted((root / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(bench_file.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "trainer"):
+                continue
+            base = root.joinpath(*node.module.split("."))
+            target = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+            if not target.is_file():
+                wrong.append(f"{bench_file.name}: no module {node.module}")
+                continue
+            missing = {a.name for a in node.names} - _top_level_names(target) - {"*"}
+            missing = {n for n in missing if not (base / f"{n}.py").is_file()}  # a submodule is fine
+            if missing:
+                wrong.append(f"{bench_file.name}: {node.module} has no {sorted(missing)}")
+    assert wrong == []
