@@ -296,14 +296,19 @@ def test_t5_needed_checks_the_cached_file(tmp_path, monkeypatch):
     assert install.t5_needed(target) is None
 
 
-def in_process(monkeypatch, tmp_path: Path, pip, *args: str) -> int:
-    """install.main with the cache under tmp_path and CLIP's vocabulary already in it; pip None: none may be made."""
+def with_cache(monkeypatch, tmp_path: Path, pip) -> None:
+    """The cache under tmp_path with CLIP's vocabulary already in it; pip None: none may be made."""
     monkeypatch.setenv("TRAINDECK_CACHE", str(tmp_path / "cache"))
     vocab = tmp_path / "cache" / "clip" / install.VOCAB_NAME
     vocab.parent.mkdir(parents=True, exist_ok=True)
     vocab.write_bytes(b"vocabulary")
     monkeypatch.setattr(install, "VOCAB_SHA256", hashlib.sha256(b"vocabulary").hexdigest())
     monkeypatch.setattr(install, "make_pip", (lambda: (pip, None)) if pip else (lambda: pytest.fail("pip was needed")))
+
+
+def in_process(monkeypatch, tmp_path: Path, pip, *args: str) -> int:
+    """install.main --vocab-only with_cache()."""
+    with_cache(monkeypatch, tmp_path, pip)
     return install.main(["--vocab-only", *args])
 
 
@@ -345,12 +350,7 @@ def start_up(monkeypatch, tmp_path: Path, pip, webui: Path | None = None) -> int
     """install.main as a WebUI start-up runs it (no arguments), with nothing to install but the tokenizers."""
     monkeypatch.setattr(install, "make_plan", lambda installed: install.Plan())
     monkeypatch.setattr(install, "webui_root", lambda: webui or tmp_path / "webui")
-    monkeypatch.setenv("TRAINDECK_CACHE", str(tmp_path / "cache"))
-    vocab = tmp_path / "cache" / "clip" / install.VOCAB_NAME
-    vocab.parent.mkdir(parents=True, exist_ok=True)
-    vocab.write_bytes(b"vocabulary")
-    monkeypatch.setattr(install, "VOCAB_SHA256", hashlib.sha256(b"vocabulary").hexdigest())
-    monkeypatch.setattr(install, "make_pip", (lambda: (pip, None)) if pip else (lambda: pytest.fail("pip was needed")))
+    with_cache(monkeypatch, tmp_path, pip)
     return install.main([])
 
 
