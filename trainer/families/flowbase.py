@@ -95,3 +95,18 @@ class FlowFamily(Family):
 
     def make_loss(self, cfg: Any, scheduler: Any, *, v_pred: bool, device: torch.device) -> FlowLoss:
         return FlowLoss(cfg.train_loss_function, cfg.huber_c, self.flow_options(cfg))
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its buffers too: a stand-in encoder may hold no parameter)."""
+    return next(iter([*module.parameters(), *module.buffers()])).device
+
+
+def t5_states(t5: torch.nn.Module, tokenizer: Any, prompts: list[str], length: int, masked: bool) -> torch.Tensor:
+    """T5's last hidden states for `prompts` padded to `length` tokens; `masked` masks the padding in
+    attention and zeroes its states (sd-scripts' apply_t5_attn_mask)."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    device = device_of(t5)
+    mask = tokens.attention_mask.to(device)
+    hidden = t5(tokens.input_ids.to(device), attention_mask=mask if masked else None)[0]
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype) if masked else hidden

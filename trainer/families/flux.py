@@ -14,7 +14,7 @@ import torch
 
 from ..config.params import ConfigError
 from . import flow
-from .flowbase import FlowFamily, flow_options
+from .flowbase import FlowFamily, device_of, flow_options, t5_states
 from .flux_net import FluxNetworkHooks
 
 if TYPE_CHECKING:
@@ -150,13 +150,8 @@ class Flux(FluxNetworkHooks, FlowFamily):
         clip_tok, t5_tok = bundle.tokenizers
         ids = clip_tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True,
                        return_tensors="pt").input_ids
-        pooled = clip(ids.to(_device_of(clip)), output_hidden_states=False).pooler_output
-        tokens = t5_tok(prompts, padding="max_length", max_length=s["t5_length"], truncation=True,
-                        return_tensors="pt")
-        mask = tokens.attention_mask.to(_device_of(t5))
-        hidden = t5(tokens.input_ids.to(_device_of(t5)), attention_mask=mask if s["t5_mask"] else None)[0]
-        if s["t5_mask"]:
-            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = clip(ids.to(device_of(clip)), output_hidden_states=False).pooler_output
+        hidden = t5_states(t5, t5_tok, prompts, s["t5_length"], s["t5_mask"])
         return Cond(hidden, pooled.to(hidden.device))
 
     # the objective --------------------------------------------------------------------------------
@@ -203,7 +198,3 @@ class Flux(FluxNetworkHooks, FlowFamily):
 
     def pipeline_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return unpack(latents, height // 8, width // 8) if latents.dim() == 3 else latents
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device

@@ -193,27 +193,40 @@ def from_file(sd: Mapping[str, torch.Tensor],
     dense rank-R LoRA on qkv) gives every part the whole down and its rows of up, each of
     rank R and alpha unchanged. Both give exactly the file's delta weight.
     """
+    return fused_from_file(sd, target, te_prefixes=("lora_te1_", "lora_te3_"), te_name=_te_memory_name,
+                           place=bfl_place, members=_members, label="FLUX.1",
+                           swapped=lambda name, group: name.endswith(_SWAPPED))
+
+
+def fused_from_file(sd: Mapping[str, torch.Tensor], target: Mapping[str, Sequence[int]] | None, *,
+                    te_prefixes: tuple[str, ...], te_name: Callable[[str, Mapping | None], str],
+                    place: Callable[[str], tuple[str, int, int]], members: Callable[[str], list[str]],
+                    swapped: Callable[[str, dict], bool], label: str) -> dict[str, torch.Tensor]:
+    """The inverse of `fused_to_file`: `members` lists a file module's in-memory parts, `te_name` maps a
+    text-encoder module to its in-memory name, `swapped` says which single modules hold [shift, scale]."""
     out: Groups = {}
     for name, group in _groups(sd).items():
-        if name.startswith(("lora_te1_", "lora_te3_")):
-            out[_te_memory_name(name, target)] = dict(group)
+        if name.startswith(te_prefixes):
+            out[te_name(name, target)] = dict(group)
         elif name.startswith(UNFUSED_PREFIX):
             memory = "lora_unet_" + name[len(UNFUSED_PREFIX):]
-            bfl_place(memory)
+            place(memory)  # refuses a name no consumer could map
             out[memory] = dict(group)
         elif name.startswith("lora_unet_"):
-            members = _members(name)
-            if len(members) > 1:
-                out.update(split(name, group, members, target))
+            parts = members(name)
+            if len(parts) > 1:
+                out.update(split(name, group, parts, target))
                 continue
             group = dict(group)
-            if name.endswith(_SWAPPED):
+            if swapped(name, group):
                 if not _is_plain_lora(group):
-                    raise ValueError(f"{name}: only a plain LoRA can be read on the final modulation")
+                    raise ValueError(f"{name}: only a plain LoRA can be read on a modulation whose halves the "
+                                     f"file swaps")
                 group["lora_up.weight"] = _swap_halves(group["lora_up.weight"])
-            out[members[0]] = group
+            out[parts[0]] = group
         else:
-            raise ValueError(f"{name}: not a FLUX.1 LoRA module (lora_unet_, lora_transformer_, lora_te1_, lora_te3_)")
+            raise ValueError(f"{name}: not a {label} LoRA module (lora_unet_, {UNFUSED_PREFIX}, "
+                             f"{', '.join(te_prefixes)})")
     return _flat(out)
 
 

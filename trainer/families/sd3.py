@@ -15,7 +15,7 @@ import torch
 
 from ..config.params import ConfigError
 from . import flow
-from .flowbase import FlowFamily
+from .flowbase import FlowFamily, device_of, t5_states
 from .sd3_net import SD3NetworkHooks
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class SD3(SD3NetworkHooks, FlowFamily):
         for te, tok in zip(bundle.text_encoders[:2], bundle.tokenizers[:2]):
             ids = tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True,
                       return_tensors="pt").input_ids
-            out = te(ids.to(_device_of(te)), output_hidden_states=True)
+            out = te(ids.to(device_of(te)), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
         clip = torch.cat(hidden, dim=-1)
@@ -134,12 +134,7 @@ class SD3(SD3NetworkHooks, FlowFamily):
         if isinstance(t5, NoT5):  # 77 zero tokens, as sd-scripts (and diffusers 0.31) encode an absent T5
             t5_out = clip.new_zeros((len(prompts), CLIP_LENGTH, width))
         else:
-            tokens = t5_tok(prompts, padding="max_length", max_length=s["t5_length"], truncation=True,
-                            return_tensors="pt")
-            mask = tokens.attention_mask.to(_device_of(t5))
-            t5_out = t5(tokens.input_ids.to(_device_of(t5)), attention_mask=mask if s["t5_mask"] else None)[0]
-            if s["t5_mask"]:
-                t5_out = t5_out * mask.unsqueeze(-1).to(t5_out.dtype)
+            t5_out = t5_states(t5, t5_tok, prompts, s["t5_length"], s["t5_mask"])
         hidden_all = torch.cat([clip, t5_out.to(clip.device, clip.dtype)], dim=-2)
         return Cond(hidden_all, torch.cat([p.to(clip.device) for p in pooled], dim=-1))
 
@@ -193,7 +188,3 @@ class SD3(SD3NetworkHooks, FlowFamily):
     def pipeline_embeds(self, cond: Cond) -> dict[str, Any]:
         return {"prompt_embeds": cond.hidden[:1], "negative_prompt_embeds": cond.hidden[1:],
                 "pooled_prompt_embeds": cond.pooled[:1], "negative_pooled_prompt_embeds": cond.pooled[1:]}
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(iter([*module.parameters(), *module.buffers()])).device

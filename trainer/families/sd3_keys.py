@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .flux_keys import _flat, _groups, _is_plain_lora, _swap_halves, fused_to_file, split
+from .flux_keys import _groups, _is_plain_lora, fused_from_file, fused_to_file
 
 UNFUSED_PREFIX = "lora_transformer_"
 TE_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te3_")
@@ -84,28 +84,8 @@ def from_file(sd: Mapping[str, torch.Tensor],
               target: Mapping[str, Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
     """An SD3 LoRA file (this layout or sd-scripts') in the network's names; `target` (the
     network's {key: shape}) settles each fused part's rank, as flux_keys.from_file does."""
-    out: Groups = {}
-    for name, group in _groups(sd).items():
-        if name.startswith(TE_PREFIXES):
-            out[name] = dict(group)
-        elif name.startswith(UNFUSED_PREFIX):
-            memory = "lora_unet_" + name[len(UNFUSED_PREFIX):]
-            sai_place(memory)
-            out[memory] = dict(group)
-        elif name.startswith("lora_unet_"):
-            parts = members(name)
-            if len(parts) > 1:
-                out.update(split(name, group, parts, target))
-                continue
-            group = dict(group)
-            if _pre_only_modulation(name, group):
-                if not _is_plain_lora(group):
-                    raise ValueError(f"{name}: only a plain LoRA can be read on the last context modulation")
-                group["lora_up.weight"] = _swap_halves(group["lora_up.weight"])
-            out[parts[0]] = group
-        else:
-            raise ValueError(f"{name}: not an SD3 LoRA module (lora_unet_, lora_transformer_, lora_te1/2/3_)")
-    return _flat(out)
+    return fused_from_file(sd, target, te_prefixes=TE_PREFIXES, te_name=lambda name, _: name, place=sai_place,
+                           members=members, swapped=_pre_only_modulation, label="SD3")
 
 
 def fused_groups(lora_names: Sequence[str]) -> list[list[str]]:
