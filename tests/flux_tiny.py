@@ -281,16 +281,18 @@ def tiny_flux_bundle(variant: str = "dev", seed: int = 0):
 
 
 def flux_lycoris(model: torch.nn.Module, *, algo: str = "lora", rank: int = 4, alpha: float = 2.0,
-                 dora: bool = False, bypass: bool = False):
-    """A LyCORIS network on both FLUX block classes, applied to `model`, its weights made random
-    (so a test sees a LoRA that changes the output); LyCORIS's class presets are restored."""
+                 dora: bool = False, bypass: bool = False,
+                 blocks: tuple[str, ...] = ("FluxTransformerBlock", "FluxSingleTransformerBlock")):
+    """A LyCORIS network on the transformer's block classes (FLUX's two unless told), applied to
+    `model`, its weights made random (so a test sees a LoRA that changes the output); LyCORIS's
+    class presets are restored."""
     from lycoris.kohya import LycorisNetworkKohya
 
     names = ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE")
     saved = {n: getattr(LycorisNetworkKohya, n) for n in names}
     try:
-        LycorisNetworkKohya.apply_preset({"unet_target_module": ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
-                                          "unet_target_name": [], "text_encoder_target_module": []})
+        LycorisNetworkKohya.apply_preset({"unet_target_module": list(blocks), "unet_target_name": [],
+                                          "text_encoder_target_module": []})
         net = LycorisNetworkKohya(None, model, multiplier=1.0, lora_dim=rank, alpha=alpha, network_module=algo,
                                   weight_decompose=dora, bypass_mode=bypass)
     finally:

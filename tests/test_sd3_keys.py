@@ -7,28 +7,13 @@ import torch
 
 from trainer.families.sd3_keys import from_file, to_diffusers, to_file
 
+from tests.flux_tiny import flux_lycoris
 from tests.sd3_tiny import sd3_forward, tiny_sd3_parts
 
 
 def sd3_lycoris(model, *, algo: str = "lora", rank: int = 4):
     """A LyCORIS network on SD3's JointTransformerBlock, applied, its weights random."""
-    from lycoris.kohya import LycorisNetworkKohya
-
-    names = ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE")
-    saved = {n: getattr(LycorisNetworkKohya, n) for n in names}
-    try:
-        LycorisNetworkKohya.apply_preset({"unet_target_module": ["JointTransformerBlock"], "unet_target_name": [],
-                                          "text_encoder_target_module": []})
-        net = LycorisNetworkKohya(None, model, multiplier=1.0, lora_dim=rank, alpha=2.0, network_module=algo)
-    finally:
-        for n, v in saved.items():
-            setattr(LycorisNetworkKohya, n, v)
-    net.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return net
+    return flux_lycoris(model, algo=algo, rank=rank, blocks=("JointTransformerBlock",))
 
 
 def expected_names(blocks: int, dual: tuple[int, ...]) -> set[str]:
