@@ -6,6 +6,7 @@ it reads; see sd3.py).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -99,7 +100,7 @@ class FlowFamily(Family):
 
 def device_of(module: torch.nn.Module) -> torch.device:
     """Where a module's weights are (its buffers too: a stand-in encoder may hold no parameter)."""
-    return next(iter([*module.parameters(), *module.buffers()])).device
+    return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
 def t5_states(t5: torch.nn.Module, tokenizer: Any, prompts: list[str], length: int, masked: bool) -> torch.Tensor:
